@@ -1,0 +1,129 @@
+//! Admin HTTP: `/healthz`, `/readyz`, `/metrics`.
+//!
+//! Three fixed GET routes do not justify an HTTP stack: this reads one
+//! request head (bounded), answers and closes.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_net::{TcpListener, TcpStream};
+use smol::io::{AsyncReadExt, AsyncWriteExt};
+use smol::{Executor, Timer};
+
+use crate::metrics::Metrics;
+
+const MAX_HEAD: usize = 8 << 10;
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Admin {
+    pub metrics: Arc<Metrics>,
+    /// Set once the device listener is up.
+    pub ready: AtomicBool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start the admin endpoint on {address}: {source}")]
+pub struct AdminError {
+    address: SocketAddr,
+    source: std::io::Error,
+}
+
+pub async fn bind(address: SocketAddr) -> Result<TcpListener, AdminError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| AdminError { address, source })
+}
+
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, ex: Arc<Executor<'static>>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let admin = admin.clone();
+                ex.spawn(async move {
+                    let _ = smol::future::or(handle(stream, &admin), async {
+                        Timer::after(CLIENT_TIMEOUT).await;
+                        Ok(())
+                    })
+                    .await;
+                })
+                .detach();
+            }
+            Err(e) => {
+                log::warn!("admin accept failed: {e}");
+                Timer::after(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn handle(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.len() > MAX_HEAD {
+            return respond(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "too large\n",
+            )
+            .await;
+        }
+    }
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    if method != "GET" && method != "HEAD" {
+        return respond(
+            &mut stream,
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET\n",
+        )
+        .await;
+    }
+    match path {
+        "/healthz" => respond(&mut stream, "200 OK", "text/plain", "ok\n").await,
+        "/readyz" if admin.ready.load(SeqCst) => {
+            respond(&mut stream, "200 OK", "text/plain", "ready\n").await
+        }
+        "/readyz" => {
+            respond(
+                &mut stream,
+                "503 Service Unavailable",
+                "text/plain",
+                "not ready\n",
+            )
+            .await
+        }
+        "/metrics" => {
+            let body = admin.metrics.render();
+            respond(&mut stream, "200 OK", "text/plain; version=0.0.4", &body).await
+        }
+        _ => respond(&mut stream, "404 Not Found", "text/plain", "not found\n").await,
+    }
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.flush().await
+}

@@ -1,0 +1,219 @@
+//! Wires the gateway together on one smol executor and runs it until SIGTERM
+//! or SIGINT, then shuts down in order: stop accepting, answer what was read,
+//! give Kafka a bounded time to take the backlog, flush, exit.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use smol::channel;
+use smol::{Executor, Timer};
+
+use crate::admin::{self, Admin};
+use crate::config::Config;
+use crate::consumer::DownlinkConsumer;
+use crate::listener::{self, Shared};
+use crate::metrics::Metrics;
+use crate::outbox::{self, Store};
+use crate::producer::Pipeline;
+use crate::router::Router;
+use crate::signals;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot use data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Outbox(#[from] outbox::OutboxError),
+    #[error(transparent)]
+    Producer(#[from] crate::producer::ProducerError),
+    #[error(transparent)]
+    Consumer(#[from] crate::consumer::ConsumerError),
+    #[error(transparent)]
+    Listen(#[from] listener::BindError),
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+pub fn run(config: Config) -> Result<(), AppError> {
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|source| AppError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
+    let server_id = match &config.server_id {
+        Some(id) => id.clone(),
+        None => load_server_id(&data_dir)?,
+    };
+    let group = config.consumer_group(&server_id);
+    log::info!(
+        "edgegate {} starting: serverId {server_id}, consumer group {group}",
+        env!("CARGO_PKG_VERSION")
+    );
+
+    let metrics = Arc::new(Metrics::default());
+    let (store, doorbell) = Store::open(
+        &data_dir.join("outbox"),
+        config.outbox.max_bytes,
+        metrics.clone(),
+    )?;
+    let stop_signal = signals::listen().map_err(AppError::Signals)?;
+
+    let ex: Arc<Executor<'static>> = Arc::new(Executor::new());
+    let (stop_workers, workers_stopped) = channel::bounded::<()>(1);
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .max(2);
+    let workers: Vec<_> = (0..threads - 1)
+        .map(|i| {
+            let ex = ex.clone();
+            let stopped = workers_stopped.clone();
+            std::thread::Builder::new()
+                .name(format!("edgegate-{i}"))
+                .spawn(move || smol::block_on(ex.run(async { stopped.recv().await.ok() })))
+                .expect("spawning an executor thread")
+        })
+        .collect();
+
+    let result = smol::block_on(ex.run(serve(
+        config,
+        server_id,
+        group,
+        metrics,
+        store,
+        doorbell,
+        stop_signal,
+        ex.clone(),
+    )));
+    drop(stop_workers);
+    for w in workers {
+        let _ = w.join();
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    config: Config,
+    server_id: String,
+    group: String,
+    metrics: Arc<Metrics>,
+    store: Arc<Store>,
+    doorbell: channel::Receiver<()>,
+    stop_signal: channel::Receiver<()>,
+    ex: Arc<Executor<'static>>,
+) -> Result<(), AppError> {
+    let (appender, writer) = outbox::start_writer(store.clone(), config.outbox.flush_interval);
+    let writer = ex.spawn(writer);
+
+    let producer_stop = Arc::new(AtomicBool::new(false));
+    let pipeline = Pipeline::new(store.clone(), &config.kafka, metrics.clone())?;
+    let producer = ex.spawn(pipeline.run(doorbell, producer_stop.clone()));
+
+    let router = Arc::new(Router::new(
+        server_id.clone(),
+        config.listener.max_pending_downlink,
+        metrics.clone(),
+    ));
+    let consumer = DownlinkConsumer::start(&config.kafka, &group, router.clone(), metrics.clone())?;
+
+    let admin = Arc::new(Admin {
+        metrics: metrics.clone(),
+        ready: AtomicBool::new(false),
+    });
+    let admin_listener = admin::bind(config.admin.address).await?;
+    ex.spawn(admin::serve(admin_listener, admin.clone(), ex.clone()))
+        .detach();
+
+    let device_listener = listener::bind(config.listener.address).await?;
+    let shared = Arc::new(Shared {
+        server_id,
+        limits: config.listener.clone(),
+        metrics: metrics.clone(),
+        router: router.clone(),
+        appender,
+        shutting_down: AtomicBool::new(false),
+        open: AtomicUsize::new(0),
+    });
+    let (stop_accepting, accept_stopped) = channel::bounded::<()>(1);
+    let accept = ex.spawn(listener::run(
+        device_listener,
+        shared.clone(),
+        ex.clone(),
+        accept_stopped,
+    ));
+    admin.ready.store(true, SeqCst);
+    log::info!(
+        "listening for devices on {}, admin on {}, Kafka at {}",
+        config.listener.address,
+        config.admin.address,
+        config.kafka.brokers
+    );
+
+    let _ = stop_signal.recv().await;
+    log::info!("shutting down: no new connections; frames from now on get shutting_down");
+    shared.shutting_down.store(true, SeqCst);
+    drop(stop_accepting);
+    accept.await;
+
+    let deadline = Instant::now() + config.kafka.drain_timeout;
+    // Let appends already read reach the disk and their replies go out.
+    Timer::after(Duration::from_millis(50)).await;
+    while !store.is_empty() && Instant::now() < deadline {
+        Timer::after(Duration::from_millis(20)).await;
+    }
+    if store.is_empty() {
+        log::info!("outbox drained to Kafka");
+    } else {
+        log::warn!("outbox not drained within kafka.drain_timeout_secs; the rest is sent after the next start");
+    }
+    router.close_all();
+    producer_stop.store(true, SeqCst);
+    store.wake();
+    producer.await;
+    consumer.stop();
+    drop(shared);
+    // Connections still finishing hold the appender; the writer stops once
+    // they are gone, but do not wait on a stuck one.
+    smol::future::or(writer, async {
+        Timer::after(Duration::from_secs(2)).await;
+    })
+    .await;
+    let final_flush = store.clone();
+    if let Err(e) = smol::unblock(move || final_flush.flush()).await {
+        log::error!("final outbox flush failed: {e}");
+    }
+    log::info!("stopped");
+    Ok(())
+}
+
+/// The configured id, else the one kept in `data_dir/server_id`, else a new
+/// UUID written there (atomically, so a crash cannot leave half an id).
+fn load_server_id(data_dir: &Path) -> Result<String, AppError> {
+    let path = data_dir.join("server_id");
+    let io_err = |source| AppError::DataDir {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(e)),
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    let tmp = data_dir.join("server_id.tmp");
+    std::fs::write(&tmp, format!("{id}\n")).map_err(io_err)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err)?;
+    std::fs::rename(&tmp, &path).map_err(io_err)?;
+    log::info!("generated serverId {id}, kept in {}", path.display());
+    Ok(id)
+}

@@ -1,0 +1,147 @@
+//! Kafka → devices: reads the workers' topics and hands every record to the
+//! router.
+//!
+//! The consumer runs on its own thread (librdkafka's poll blocks). An offset
+//! is stored only after its record was handed to a connection or counted as
+//! undeliverable (`enable.auto.offset.store=false`), and auto-commit commits
+//! only stored offsets, so a restart resumes at the first record not yet
+//! handled.
+
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::ClientContext;
+
+use crate::config::KafkaConfig;
+use crate::metrics::Metrics;
+use crate::router::Router;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error("cannot create the Kafka consumer: {0}")]
+    Create(KafkaError),
+    #[error("cannot subscribe to {topics:?}: {source}")]
+    Subscribe {
+        topics: Vec<String>,
+        source: KafkaError,
+    },
+    #[error("cannot start the consumer thread: {0}")]
+    Thread(std::io::Error),
+}
+
+struct Context {
+    metrics: Arc<Metrics>,
+}
+
+impl ClientContext for Context {}
+
+impl ConsumerContext for Context {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                log::info!("downlink consumer assigned {} partitions", tpl.count());
+                self.metrics
+                    .kafka_consumer_partitions
+                    .store(tpl.count() as i64, Relaxed);
+            }
+            Rebalance::Revoke(_) => self.metrics.kafka_consumer_partitions.store(0, Relaxed),
+            Rebalance::Error(e) => log::warn!("downlink consumer rebalance failed: {e}"),
+        }
+    }
+}
+
+pub fn client_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        // A new group starts at the end: old responses are not replayed to
+        // devices that never asked for them (PROTOCOL 2.2).
+        .set("auto.offset.reset", "latest")
+        // Some brokers (tansu) do not wake a waiting fetch when data arrives,
+        // so this bounds downlink latency.
+        .set("fetch.wait.max.ms", "10")
+        // 6 s is the smallest session Apache Kafka accepts by default.
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500");
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+pub struct DownlinkConsumer {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl DownlinkConsumer {
+    pub fn start(
+        cfg: &KafkaConfig,
+        group: &str,
+        router: Arc<Router>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ConsumerError> {
+        let consumer: BaseConsumer<Context> = client_config(cfg, group)
+            .create_with_context(Context {
+                metrics: metrics.clone(),
+            })
+            .map_err(ConsumerError::Create)?;
+        let topics: Vec<&str> = cfg.consumer_topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|source| ConsumerError::Subscribe {
+                topics: cfg.consumer_topics.clone(),
+                source,
+            })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("edgegate-consumer".into())
+            .spawn(move || consume(consumer, router, metrics, flag))
+            .map_err(ConsumerError::Thread)?;
+        Ok(DownlinkConsumer { stop, thread })
+    }
+
+    /// Stops polling, commits what was handled and leaves the group.
+    pub fn stop(self) {
+        self.stop.store(true, Relaxed);
+        let _ = self.thread.join();
+    }
+}
+
+fn consume(
+    consumer: BaseConsumer<Context>,
+    router: Arc<Router>,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+) {
+    while !stop.load(Relaxed) {
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Ok(msg)) => {
+                router.route(msg.payload().unwrap_or_default());
+                if let Err(e) = consumer.store_offset_from_message(&msg) {
+                    log::warn!("storing downlink offset failed: {e}");
+                }
+            }
+            Some(Err(e)) => {
+                metrics.downlink_consumer_errors.fetch_add(1, Relaxed);
+                log::warn!("downlink consumer: {e}");
+            }
+        }
+    }
+    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        // Nothing stored yet is the common harmless case.
+        log::debug!("final downlink commit: {e}");
+    }
+    consumer.unsubscribe();
+}

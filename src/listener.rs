@@ -1,0 +1,105 @@
+//! The device listener: accepts connections, enforces `max_connections`, and
+//! hands each socket to its own connection task.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_net::TcpListener;
+use smol::channel::Receiver;
+use smol::io::AsyncWriteExt;
+use smol::{Async, Executor, Timer};
+
+use crate::config::ListenerConfig;
+use crate::connection;
+use crate::metrics::Metrics;
+use crate::outbox::Appender;
+use crate::protocol::{write_error, ErrorCode};
+use crate::router::Router;
+
+/// What every connection task shares.
+pub struct Shared {
+    pub server_id: String,
+    pub limits: ListenerConfig,
+    pub metrics: Arc<Metrics>,
+    pub router: Arc<Router>,
+    pub appender: Appender,
+    /// Set when shutdown begins: later frames get `shutting_down`.
+    pub shutting_down: AtomicBool,
+    pub open: AtomicUsize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {address}: {source}")]
+pub struct BindError {
+    pub address: SocketAddr,
+    pub source: std::io::Error,
+}
+
+pub async fn bind(address: SocketAddr) -> Result<TcpListener, BindError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| BindError { address, source })
+}
+
+/// Accepts until `stop` closes.
+pub async fn run(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    ex: Arc<Executor<'static>>,
+    stop: Receiver<()>,
+) {
+    loop {
+        let accepted = smol::future::or(async { Some(listener.accept().await) }, async {
+            let _ = stop.recv().await;
+            None
+        })
+        .await;
+        let (stream, peer) = match accepted {
+            None => break,
+            Some(Ok(pair)) => pair,
+            Some(Err(e)) => {
+                // Typically EMFILE: back off instead of spinning on the error.
+                log::warn!("accept failed: {e}");
+                Timer::after(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let socket: Arc<Async<std::net::TcpStream>> = stream.into();
+        if shared.open.fetch_add(1, SeqCst) >= shared.limits.max_connections {
+            shared.open.fetch_sub(1, SeqCst);
+            shared
+                .metrics
+                .connections_rejected_busy
+                .fetch_add(1, Relaxed);
+            shared.metrics.error(ErrorCode::ServerBusy);
+            log::debug!("refusing {peer}: max_connections reached");
+            ex.spawn(refuse_busy(socket)).detach();
+            continue;
+        }
+        shared.metrics.connections_accepted.fetch_add(1, Relaxed);
+        shared.metrics.connections_open.fetch_add(1, Relaxed);
+        ex.spawn(connection::serve(socket, peer, shared.clone()))
+            .detach();
+    }
+    log::info!("device listener stopped accepting");
+}
+
+async fn refuse_busy(socket: Arc<Async<std::net::TcpStream>>) {
+    let mut line = Vec::with_capacity(160);
+    write_error(
+        &mut line,
+        None,
+        ErrorCode::ServerBusy,
+        "the gateway is at its connection limit; try again later",
+    );
+    let mut s = &*socket;
+    let _ = smol::future::or(async { s.write_all(&line).await }, async {
+        Timer::after(Duration::from_secs(1)).await;
+        Ok(())
+    })
+    .await;
+    let _ = socket.get_ref().shutdown(std::net::Shutdown::Both);
+}

@@ -1,0 +1,156 @@
+//! edgegate: a device-to-Kafka gateway for edge hubs.
+//!
+//! Data path: device socket → `frame` → `protocol` → `outbox` (on disk,
+//! then ack) → `producer` → Kafka; Kafka → `consumer` → `router` →
+//! `connection` → device socket. `app` wires it together.
+
+#![forbid(unsafe_code)]
+
+mod admin;
+mod app;
+mod config;
+mod connection;
+mod consumer;
+mod frame;
+mod listener;
+mod metrics;
+mod outbox;
+mod producer;
+mod protocol;
+mod router;
+mod signals;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::process::ExitCode;
+
+use config::{Config, Flags, FLAGS};
+
+const USAGE: &str = "\
+usage: edgegate [run] [OPTIONS]          run the gateway
+       edgegate check-config [OPTIONS]   validate the configuration and print the effective settings
+       edgegate --version | --help
+
+options:
+  --config PATH        TOML configuration file (default: none, built-in defaults)
+  --server-id ID       this gateway's id (default: kept in the data directory)
+  --data-dir DIR       outbox and state (default: ./edgegate-data)
+  --listen ADDR        device listener (default: 0.0.0.0:3000)
+  --brokers LIST       Kafka bootstrap brokers (default: localhost:9092)
+  --admin-listen ADDR  /healthz, /readyz, /metrics (default: 127.0.0.1:8080)
+
+Every setting can also come from the environment (EDGEGATE_<SECTION>_<KEY>);
+precedence: flag > environment > file > default. Logs go to stderr; filter
+them with RUST_LOG (e.g. RUST_LOG=debug or RUST_LOG=info,librdkafka=warn).
+";
+
+enum Command {
+    Run,
+    CheckConfig,
+}
+
+fn parse_args() -> Result<Option<(Command, Flags)>, lexopt::Error> {
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_env();
+    let mut command = None;
+    let mut flags = Flags::default();
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Value(v) if command.is_none() => {
+                command = Some(match v.to_str() {
+                    Some("run") => Command::Run,
+                    Some("check-config") => Command::CheckConfig,
+                    _ => return Err(lexopt::Error::UnexpectedArgument(v)),
+                });
+            }
+            Long("help") | Short('h') => {
+                print!("{USAGE}");
+                return Ok(None);
+            }
+            Long("version") | Short('V') => {
+                println!("edgegate {}", env!("CARGO_PKG_VERSION"));
+                return Ok(None);
+            }
+            Long("config") => flags.config = Some(parser.value()?.into()),
+            Long(name) => {
+                let flag = format!("--{name}");
+                let Some((_, key)) = FLAGS.iter().find(|(f, _)| *f == flag) else {
+                    return Err(arg.unexpected());
+                };
+                let value = parser.value()?.string()?;
+                flags.values.insert(key, value);
+            }
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    Ok(Some((command.unwrap_or(Command::Run), flags)))
+}
+
+fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(|buf, record| {
+            writeln!(
+                buf,
+                "{} {:<5} {}: {}",
+                protocol::Timestamp::now(),
+                record.level(),
+                record.target(),
+                record.args()
+            )
+        })
+        .init();
+}
+
+/// Many devices means many sockets: take the hard limit the service was given.
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => log::info!("open-file limit raised to {:?}", limit.maximum),
+            Err(e) => log::warn!("cannot raise the open-file limit: {e}"),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let (command, flags) = match parse_args() {
+        Ok(Some(parsed)) => parsed,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgegate: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging();
+    let env: HashMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("EDGEGATE_"))
+        .collect();
+    let config = match Config::load(&flags, &env) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("configuration refused: {e}");
+            return ExitCode::from(78); // EX_CONFIG
+        }
+    };
+    match command {
+        Command::CheckConfig => {
+            print!("{}", config.describe());
+            ExitCode::SUCCESS
+        }
+        Command::Run => {
+            raise_open_file_limit();
+            match app::run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    log::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

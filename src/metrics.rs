@@ -1,0 +1,234 @@
+//! Counters and gauges, rendered in the Prometheus text format.
+//!
+//! Plain atomics: every hot-path update is one relaxed add, and the admin
+//! endpoint renders a snapshot on demand.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+use crate::protocol::ErrorCode;
+
+#[derive(Default)]
+pub struct Metrics {
+    pub connections_open: AtomicI64,
+    pub connections_accepted: AtomicU64,
+    pub connections_rejected_busy: AtomicU64,
+    pub connections_closed_idle: AtomicU64,
+    pub connections_closed_slow: AtomicU64,
+    pub connections_taken_over: AtomicU64,
+    pub frames: AtomicU64,
+    pub acks: AtomicU64,
+    pub errors: [AtomicU64; 8],
+
+    pub outbox_records: AtomicI64,
+    pub outbox_batches: AtomicI64,
+    pub outbox_bytes: AtomicI64,
+    pub outbox_disk_bytes: AtomicU64,
+    pub outbox_flushes: AtomicU64,
+    pub outbox_corrupt_batches: AtomicU64,
+    pub outbox_store_recoveries: AtomicU64,
+    pub outbox_write_errors: AtomicU64,
+
+    pub kafka_delivered: AtomicU64,
+    pub kafka_failed: AtomicU64,
+    pub kafka_broker_connected: AtomicI64,
+    pub kafka_consumer_partitions: AtomicI64,
+
+    pub downlink_received: AtomicU64,
+    pub downlink_routed: AtomicU64,
+    pub downlink_undeliverable: AtomicU64,
+    pub downlink_other_server: AtomicU64,
+    pub downlink_malformed: AtomicU64,
+    pub downlink_consumer_errors: AtomicU64,
+}
+
+impl Metrics {
+    pub fn error(&self, code: ErrorCode) {
+        self.errors[code.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let mut counter = |name: &str, help: &str, v: u64| {
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+            );
+        };
+        counter(
+            "edgegate_connections_accepted_total",
+            "Device connections accepted.",
+            get(&self.connections_accepted),
+        );
+        counter(
+            "edgegate_connections_rejected_total",
+            "Device connections refused with server_busy (max_connections).",
+            get(&self.connections_rejected_busy),
+        );
+        counter(
+            "edgegate_connections_idle_closed_total",
+            "Connections closed by idle_timeout.",
+            get(&self.connections_closed_idle),
+        );
+        counter(
+            "edgegate_connections_slow_closed_total",
+            "Connections closed because they did not read their downlink.",
+            get(&self.connections_closed_slow),
+        );
+        counter(
+            "edgegate_connections_taken_over_total",
+            "Connections closed because a newer connection bound the same deviceUid.",
+            get(&self.connections_taken_over),
+        );
+        counter(
+            "edgegate_frames_total",
+            "Frames received from devices (including pings and refused frames).",
+            get(&self.frames),
+        );
+        counter(
+            "edgegate_acks_total",
+            "Requests acknowledged (durably stored in the outbox).",
+            get(&self.acks),
+        );
+        counter(
+            "edgegate_outbox_flushes_total",
+            "Outbox group-commit flushes.",
+            get(&self.outbox_flushes),
+        );
+        counter(
+            "edgegate_outbox_corrupt_batches_total",
+            "Outbox batches skipped because their checksum or layout was wrong.",
+            get(&self.outbox_corrupt_batches),
+        );
+        counter(
+            "edgegate_outbox_store_recoveries_total",
+            "Times an outbox store that would not open was moved aside and replaced.",
+            get(&self.outbox_store_recoveries),
+        );
+        counter(
+            "edgegate_outbox_write_errors_total",
+            "Outbox writes or flushes that failed.",
+            get(&self.outbox_write_errors),
+        );
+        counter(
+            "edgegate_kafka_delivered_total",
+            "Requests confirmed by Kafka.",
+            get(&self.kafka_delivered),
+        );
+        counter(
+            "edgegate_kafka_failed_total",
+            "Kafka delivery reports with an error (the request is sent again).",
+            get(&self.kafka_failed),
+        );
+        counter(
+            "edgegate_downlink_received_total",
+            "Records read from the consumer topics.",
+            get(&self.downlink_received),
+        );
+        counter(
+            "edgegate_downlink_routed_total",
+            "Backend messages handed to a device connection.",
+            get(&self.downlink_routed),
+        );
+        counter(
+            "edgegate_downlink_undeliverable_total",
+            "Backend messages for a device that is not connected here.",
+            get(&self.downlink_undeliverable),
+        );
+        counter(
+            "edgegate_downlink_other_server_total",
+            "Backend messages skipped because they name another gateway.",
+            get(&self.downlink_other_server),
+        );
+        counter(
+            "edgegate_downlink_malformed_total",
+            "Backend records skipped because they are not a valid ServerResponse.",
+            get(&self.downlink_malformed),
+        );
+        counter(
+            "edgegate_downlink_consumer_errors_total",
+            "Errors reported by the Kafka consumer.",
+            get(&self.downlink_consumer_errors),
+        );
+
+        let _ = write!(
+            out,
+            "# HELP edgegate_errors_total Error replies sent to devices, by errorCode.\n# TYPE edgegate_errors_total counter\n"
+        );
+        for code in ErrorCode::ALL {
+            let _ = writeln!(
+                out,
+                "edgegate_errors_total{{code=\"{}\"}} {}",
+                code.as_str(),
+                get(&self.errors[code.index()])
+            );
+        }
+
+        let mut gauge = |name: &str, help: &str, v: i64| {
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
+            );
+        };
+        gauge(
+            "edgegate_connections",
+            "Open device connections.",
+            self.connections_open.load(Relaxed),
+        );
+        gauge(
+            "edgegate_outbox_records",
+            "Requests in the outbox, not yet confirmed by Kafka.",
+            self.outbox_records.load(Relaxed),
+        );
+        gauge(
+            "edgegate_outbox_batches",
+            "Group-commit batches in the outbox.",
+            self.outbox_batches.load(Relaxed),
+        );
+        gauge(
+            "edgegate_outbox_bytes",
+            "Bytes of live outbox batches.",
+            self.outbox_bytes.load(Relaxed),
+        );
+        gauge(
+            "edgegate_outbox_disk_bytes",
+            "Bytes the outbox store occupies on disk.",
+            self.outbox_disk_bytes.load(Relaxed) as i64,
+        );
+        gauge(
+            "edgegate_kafka_broker_connected",
+            "1 while the producer has a connection to at least one broker.",
+            self.kafka_broker_connected.load(Relaxed),
+        );
+        gauge(
+            "edgegate_kafka_consumer_partitions",
+            "Partitions assigned to the downlink consumer.",
+            self.kafka_consumer_partitions.load(Relaxed),
+        );
+        out
+    }
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_is_prometheus_text() {
+        let m = Metrics::default();
+        m.error(ErrorCode::OutboxFull);
+        m.acks.fetch_add(3, Relaxed);
+        let text = m.render();
+        assert!(text.contains("edgegate_errors_total{code=\"outbox_full\"} 1\n"));
+        assert!(text.contains("edgegate_acks_total 3\n"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (name, value) = line.rsplit_once(' ').unwrap();
+            assert!(name.starts_with("edgegate_"), "{line}");
+            value.parse::<i64>().unwrap();
+        }
+    }
+}

@@ -1,0 +1,664 @@
+//! The durable outbox: every accepted request is on disk before its ack.
+//!
+//! # On-disk format
+//!
+//! One sled database in `<data_dir>/outbox`, default tree only. One record per
+//! group-commit batch (not per request), because sled's cost is per insert
+//! and per remove, and one fsync serves the whole batch:
+//!
+//! ```text
+//! key   = seq: u64 big-endian (so sled's order is append order)
+//! value = magic 0xEB | version 1 | crc32: u32 LE | count: u32 LE | entries
+//! entry = len: u32 LE (of the rest of the entry) | key_len: u16 LE | key
+//!         | message_id: 16 bytes | payload (the ServerRequest JSON)
+//! ```
+//!
+//! The crc32 covers `count` and every entry.
+//!
+//! # Invariants
+//!
+//! - A batch is inserted and flushed before any request in it is acked, and
+//!   the producer only reads batches below `committed` (flushed ones).
+//! - Seqs only grow; a new process continues after the highest stored key,
+//!   so replay order is append order across restarts.
+//! - A batch is removed only after Kafka confirmed every request in it;
+//!   removals need no flush of their own (a lost removal means a duplicate,
+//!   never a loss).
+//! - A batch whose checksum or layout is wrong is logged, counted and removed
+//!   without stopping the replay of the others.
+//! - `live_bytes` (the sum of live batch sizes) plus what is being appended
+//!   never exceeds `max_bytes`, and neither does the store's size on disk:
+//!   past either, appends fail with [`AppendError::Full`].
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use smol::channel::{self, Receiver, Sender, TrySendError};
+use uuid::Uuid;
+
+use crate::metrics::Metrics;
+
+const MAGIC: u8 = 0xEB;
+const VERSION: u8 = 1;
+/// magic, version, crc32, count.
+pub const HEADER_LEN: usize = 10;
+/// Stop gathering requests into one batch past this many bytes.
+const MAX_BATCH_BYTES: usize = 4 << 20;
+/// Pending append jobs; beyond it connections wait (backpressure).
+const JOB_QUEUE: usize = 4096;
+/// How often the size on disk is measured for the byte cap.
+const DISK_CHECK_EVERY: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("cannot create outbox directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open outbox store {path}: {source}")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("outbox store error: {0}")]
+    Store(#[from] sled::Error),
+}
+
+/// Why an append was refused. Nothing of a refused append is acked.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum AppendError {
+    #[error("the outbox is full")]
+    Full,
+    #[error("the outbox could not store the request: {0}")]
+    Store(String),
+    #[error("the outbox is closed")]
+    Closed,
+}
+
+/// Requests encoded for one append, built by a connection.
+#[derive(Debug)]
+pub struct AppendBatch {
+    /// Starts with `HEADER_LEN` reserved bytes so the writer can turn a
+    /// single job into a record without copying it.
+    buf: Vec<u8>,
+    count: u32,
+}
+
+impl Default for AppendBatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AppendBatch {
+    pub fn new() -> Self {
+        AppendBatch {
+            buf: vec![0; HEADER_LEN],
+            count: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes this batch will take in the store.
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Adds one request; `write_payload` appends its ServerRequest JSON.
+    pub fn push(
+        &mut self,
+        key: &[u8],
+        message_id: &Uuid,
+        write_payload: impl FnOnce(&mut Vec<u8>),
+    ) {
+        let key = &key[..key.len().min(u16::MAX as usize)];
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&[0; 4]);
+        self.buf
+            .extend_from_slice(&(key.len() as u16).to_le_bytes());
+        self.buf.extend_from_slice(key);
+        self.buf.extend_from_slice(message_id.as_bytes());
+        write_payload(&mut self.buf);
+        let len = (self.buf.len() - start - 4) as u32;
+        self.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        self.count += 1;
+    }
+
+    /// Seals the batch into a record value: header filled in, crc computed.
+    fn seal(mut self) -> Vec<u8> {
+        self.buf[0] = MAGIC;
+        self.buf[1] = VERSION;
+        self.buf[6..10].copy_from_slice(&self.count.to_le_bytes());
+        let crc = crc32fast::hash(&self.buf[6..]);
+        self.buf[2..6].copy_from_slice(&crc.to_le_bytes());
+        self.buf
+    }
+
+    fn absorb(&mut self, other: AppendBatch) {
+        self.buf.extend_from_slice(&other.buf[HEADER_LEN..]);
+        self.count += other.count;
+    }
+}
+
+/// One stored request, borrowed from its batch.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Entry<'a> {
+    pub key: &'a [u8],
+    pub message_id: Uuid,
+    pub payload: &'a [u8],
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CorruptBatch {
+    #[error("record shorter than its header")]
+    Short,
+    #[error("unknown magic or version")]
+    Header,
+    #[error("checksum mismatch")]
+    Checksum,
+    #[error("entry lengths do not add up")]
+    Layout,
+}
+
+/// A stored batch whose checksum and layout were verified.
+#[derive(Debug)]
+pub struct Batch<'a> {
+    pub count: u32,
+    body: &'a [u8],
+}
+
+impl<'a> Batch<'a> {
+    pub fn parse(value: &'a [u8]) -> Result<Self, CorruptBatch> {
+        if value.len() < HEADER_LEN {
+            return Err(CorruptBatch::Short);
+        }
+        if value[0] != MAGIC || value[1] != VERSION {
+            return Err(CorruptBatch::Header);
+        }
+        let crc = u32::from_le_bytes(value[2..6].try_into().expect("4 bytes"));
+        if crc32fast::hash(&value[6..]) != crc {
+            return Err(CorruptBatch::Checksum);
+        }
+        let count = u32::from_le_bytes(value[6..10].try_into().expect("4 bytes"));
+        let batch = Batch {
+            count,
+            body: &value[HEADER_LEN..],
+        };
+        // Walk once so that iteration can trust the lengths.
+        let mut seen = 0u32;
+        let mut rest = batch.body;
+        while !rest.is_empty() {
+            let (_, tail) = split_entry(rest).ok_or(CorruptBatch::Layout)?;
+            rest = tail;
+            seen += 1;
+        }
+        if seen != count {
+            return Err(CorruptBatch::Layout);
+        }
+        Ok(batch)
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = Entry<'a>> {
+        let mut rest = self.body;
+        std::iter::from_fn(move || {
+            let (entry, tail) = split_entry(rest)?;
+            rest = tail;
+            Some(entry)
+        })
+    }
+}
+
+fn split_entry(bytes: &[u8]) -> Option<(Entry<'_>, &[u8])> {
+    let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let entry = bytes.get(4..4usize.checked_add(len)?)?;
+    let key_len = u16::from_le_bytes(entry.get(..2)?.try_into().ok()?) as usize;
+    let key = entry.get(2..2 + key_len)?;
+    let id = entry.get(2 + key_len..2 + key_len + 16)?;
+    let payload = &entry[2 + key_len + 16..];
+    Some((
+        Entry {
+            key,
+            message_id: Uuid::from_slice(id).ok()?,
+            payload,
+        },
+        &bytes[4 + len..],
+    ))
+}
+
+/// The store shared by the writer (appends) and the producer (reads and
+/// removes).
+pub struct Store {
+    db: sled::Db,
+    metrics: Arc<Metrics>,
+    max_bytes: u64,
+    live_bytes: AtomicU64,
+    /// Batches below this seq are flushed and may be sent.
+    committed: AtomicU64,
+    /// Rung after each flush that made new batches readable.
+    doorbell: Sender<()>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`. A store that sled cannot open
+    /// is moved aside to `<dir>.broken-<unix time>` and replaced by an empty
+    /// one, loudly: refusing to start would stop every device, and the moved
+    /// files stay for an operator to inspect.
+    pub fn open(
+        dir: &Path,
+        max_bytes: u64,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Arc<Store>, Receiver<()>), OutboxError> {
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| OutboxError::CreateDir {
+                path: parent.to_owned(),
+                source,
+            })?;
+        }
+        let db = match open_db(dir) {
+            Ok(db) => db,
+            Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Another process holds the lock: never move its store aside.
+                return Err(OutboxError::Open {
+                    path: dir.to_owned(),
+                    source: sled::Error::Io(e),
+                });
+            }
+            Err(e) => {
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs();
+                let aside = PathBuf::from(format!("{}.broken-{stamp}", dir.display()));
+                log::error!(
+                    "outbox store {} cannot be opened ({e}); moving it to {} and starting with an empty outbox",
+                    dir.display(),
+                    aside.display()
+                );
+                std::fs::rename(dir, &aside).map_err(|source| OutboxError::CreateDir {
+                    path: aside.clone(),
+                    source,
+                })?;
+                metrics.outbox_store_recoveries.fetch_add(1, Relaxed);
+                open_db(dir).map_err(|source| OutboxError::Open {
+                    path: dir.to_owned(),
+                    source,
+                })?
+            }
+        };
+        let (doorbell, rung) = channel::bounded(1);
+        let store = Store {
+            db,
+            metrics,
+            max_bytes,
+            live_bytes: AtomicU64::new(0),
+            committed: AtomicU64::new(0),
+            doorbell,
+        };
+        store.scan()?;
+        Ok((Arc::new(store), rung))
+    }
+
+    /// Counts what a previous run left behind; the backlog is streamed, one
+    /// batch at a time.
+    fn scan(&self) -> Result<(), OutboxError> {
+        let (mut batches, mut records, mut bytes, mut next) = (0i64, 0i64, 0u64, 0u64);
+        for item in self.db.iter() {
+            let (key, value) = item?;
+            let seq = seq_of(&key);
+            next = next.max(seq.saturating_add(1));
+            batches += 1;
+            bytes += value.len() as u64;
+            if let Ok(batch) = Batch::parse(&value) {
+                records += i64::from(batch.count);
+            }
+        }
+        self.committed.store(next, SeqCst);
+        self.live_bytes.store(bytes, SeqCst);
+        self.metrics.outbox_batches.store(batches, Relaxed);
+        self.metrics.outbox_records.store(records, Relaxed);
+        self.metrics.outbox_bytes.store(bytes as i64, Relaxed);
+        self.refresh_disk_bytes();
+        if batches > 0 {
+            log::info!("outbox holds {records} requests in {batches} batches ({bytes} bytes) from before; replaying them first");
+        }
+        Ok(())
+    }
+
+    /// The first flushed batch at or after `seq`.
+    pub fn next_batch(&self, seq: u64) -> Result<Option<(u64, sled::IVec)>, OutboxError> {
+        let end = self.committed.load(SeqCst);
+        if seq >= end {
+            return Ok(None);
+        }
+        match self.db.range(seq.to_be_bytes()..end.to_be_bytes()).next() {
+            Some(item) => {
+                let (key, value) = item?;
+                Ok(Some((seq_of(&key), value)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Removes a batch whose requests Kafka confirmed (or a corrupt one).
+    pub fn remove(&self, seq: u64, bytes: u64, records: u32) -> Result<(), OutboxError> {
+        self.db.remove(seq.to_be_bytes())?;
+        self.live_bytes.fetch_sub(bytes, SeqCst);
+        self.metrics.outbox_batches.fetch_sub(1, Relaxed);
+        self.metrics
+            .outbox_records
+            .fetch_sub(i64::from(records), Relaxed);
+        self.metrics.outbox_bytes.fetch_sub(bytes as i64, Relaxed);
+        Ok(())
+    }
+
+    /// Blocking: persists removals (and anything else pending).
+    pub fn flush(&self) -> Result<(), OutboxError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.db.is_empty()
+    }
+
+    /// Wakes the producer (used to make it notice a stop request).
+    pub fn wake(&self) {
+        let _ = self.doorbell.try_send(());
+    }
+
+    fn refresh_disk_bytes(&self) {
+        if let Ok(size) = self.db.size_on_disk() {
+            self.metrics.outbox_disk_bytes.store(size, Relaxed);
+        }
+    }
+
+    fn would_exceed(&self, pending: u64, incoming: u64) -> bool {
+        let live = self.live_bytes.load(SeqCst);
+        live + pending + incoming > self.max_bytes
+            || self.metrics.outbox_disk_bytes.load(Relaxed) >= self.max_bytes
+    }
+}
+
+fn open_db(dir: &Path) -> sled::Result<sled::Db> {
+    sled::Config::new()
+        .path(dir)
+        // We flush ourselves, once per group commit.
+        .flush_every_ms(None)
+        .cache_capacity(32 << 20)
+        .mode(sled::Mode::HighThroughput)
+        .open()
+}
+
+fn seq_of(key: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = key.len().min(8);
+    b[8 - n..].copy_from_slice(&key[..n]);
+    u64::from_be_bytes(b)
+}
+
+struct Job {
+    batch: AppendBatch,
+    done: Sender<Result<(), AppendError>>,
+}
+
+/// The connections' handle: append a batch and wait until it is on disk.
+#[derive(Clone)]
+pub struct Appender {
+    jobs: Sender<Job>,
+}
+
+impl Appender {
+    pub async fn append(&self, batch: AppendBatch) -> Result<(), AppendError> {
+        let (done, wait) = channel::bounded(1);
+        self.jobs
+            .send(Job { batch, done })
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        wait.recv().await.map_err(|_| AppendError::Closed)?
+    }
+}
+
+/// Starts the group-commit writer; it runs until every [`Appender`] is gone.
+pub fn start_writer(
+    store: Arc<Store>,
+    flush_interval: Duration,
+) -> (Appender, impl std::future::Future<Output = ()>) {
+    let (jobs, rx) = channel::bounded(JOB_QUEUE);
+    (Appender { jobs }, run_writer(store, rx, flush_interval))
+}
+
+async fn run_writer(store: Arc<Store>, jobs: Receiver<Job>, flush_interval: Duration) {
+    let mut next_seq = store.committed.load(SeqCst);
+    let mut last_disk_check = Instant::now();
+    while let Ok(first) = jobs.recv().await {
+        let mut group = vec![first];
+        let mut bytes = group[0].batch.bytes();
+        if !flush_interval.is_zero() {
+            // Gather more requests for this flush, but never past the interval.
+            let deadline = Instant::now() + flush_interval;
+            while bytes < MAX_BATCH_BYTES {
+                let next = smol::future::or(async { jobs.recv().await.ok() }, async {
+                    smol::Timer::at(deadline).await;
+                    None
+                })
+                .await;
+                match next {
+                    Some(job) => {
+                        bytes += job.batch.bytes();
+                        group.push(job);
+                    }
+                    None => break,
+                }
+            }
+        }
+        while bytes < MAX_BATCH_BYTES {
+            match jobs.try_recv() {
+                Ok(job) => {
+                    bytes += job.batch.bytes();
+                    group.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+
+        if last_disk_check.elapsed() >= DISK_CHECK_EVERY {
+            store.refresh_disk_bytes();
+            last_disk_check = Instant::now();
+        }
+        // Refuse jobs past the cap; keep the rest in arrival order.
+        let mut record: Option<AppendBatch> = None;
+        let mut accepted = Vec::with_capacity(group.len());
+        let mut pending = 0u64;
+        for job in group {
+            let size = (job.batch.bytes() - HEADER_LEN) as u64;
+            if store.would_exceed(pending + HEADER_LEN as u64, size) {
+                let _ = job.done.try_send(Err(AppendError::Full));
+                continue;
+            }
+            pending += size;
+            let Job { batch, done } = job;
+            match &mut record {
+                None => record = Some(batch),
+                Some(r) => r.absorb(batch),
+            }
+            accepted.push(done);
+        }
+        let Some(record) = record else { continue };
+        let count = record.count;
+        let value = record.seal();
+        let len = value.len() as u64;
+        let seq = next_seq;
+        next_seq += 1;
+
+        let db = store.db.clone();
+        let result = smol::unblock(move || {
+            db.insert(seq.to_be_bytes(), value)?;
+            db.flush()?;
+            Ok::<_, sled::Error>(())
+        })
+        .await;
+        store.metrics.outbox_flushes.fetch_add(1, Relaxed);
+        let reply = match result {
+            Ok(()) => {
+                store.live_bytes.fetch_add(len, SeqCst);
+                store.metrics.outbox_batches.fetch_add(1, Relaxed);
+                store
+                    .metrics
+                    .outbox_records
+                    .fetch_add(i64::from(count), Relaxed);
+                store.metrics.outbox_bytes.fetch_add(len as i64, Relaxed);
+                store.committed.store(next_seq, SeqCst);
+                if let Err(TrySendError::Closed(_)) = store.doorbell.try_send(()) {
+                    log::debug!("outbox appended with no producer listening");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                store.metrics.outbox_write_errors.fetch_add(1, Relaxed);
+                log::error!("outbox write failed, {count} requests refused: {e}");
+                // The device keeps its copy; do not send one it was not acked.
+                let _ = store.db.remove(seq.to_be_bytes());
+                store.committed.store(next_seq, SeqCst);
+                Err(match e {
+                    sled::Error::Io(io) if io.raw_os_error() == Some(28) => AppendError::Full,
+                    other => AppendError::Store(other.to_string()),
+                })
+            }
+        };
+        for done in accepted {
+            let _ = done.try_send(reply.clone());
+        }
+    }
+    if let Err(e) = smol::unblock(move || store.flush()).await {
+        log::error!("final outbox flush failed: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(ids: &[u128]) -> AppendBatch {
+        let mut b = AppendBatch::new();
+        for &id in ids {
+            b.push(format!("k{id}").as_bytes(), &Uuid::from_u128(id), |out| {
+                out.extend_from_slice(format!("{{\"n\":{id}}}").as_bytes())
+            });
+        }
+        b
+    }
+
+    fn ids(value: &[u8]) -> Vec<u128> {
+        Batch::parse(value)
+            .unwrap()
+            .entries()
+            .map(|e| e.message_id.as_u128())
+            .collect()
+    }
+
+    #[test]
+    fn sealed_batch_round_trips() {
+        let mut b = batch(&[1, 2]);
+        b.absorb(batch(&[3]));
+        let value = b.seal();
+        let parsed = Batch::parse(&value).unwrap();
+        assert_eq!(parsed.count, 3);
+        let entries: Vec<Entry<'_>> = parsed.entries().collect();
+        assert_eq!(entries[2].key, b"k3");
+        assert_eq!(entries[2].payload, b"{\"n\":3}");
+        assert_eq!(ids(&value), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn any_flipped_byte_is_detected() {
+        let value = batch(&[1, 2, 3]).seal();
+        for i in 0..value.len() {
+            let mut bad = value.clone();
+            bad[i] ^= 0x40;
+            assert!(Batch::parse(&bad).is_err(), "flip at {i} went unnoticed");
+        }
+        assert_eq!(
+            Batch::parse(&value[..value.len() - 1]).unwrap_err(),
+            CorruptBatch::Checksum
+        );
+        assert_eq!(Batch::parse(&value[..5]).unwrap_err(), CorruptBatch::Short);
+    }
+
+    fn open(dir: &Path, max: u64) -> (Arc<Store>, Receiver<()>, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::default());
+        let (s, r) = Store::open(&dir.join("outbox"), max, metrics.clone()).unwrap();
+        (s, r, metrics)
+    }
+
+    fn drain(store: &Store) -> Vec<u128> {
+        let mut seq = 0;
+        let mut out = Vec::new();
+        while let Some((s, v)) = store.next_batch(seq).unwrap() {
+            out.extend(ids(&v));
+            seq = s + 1;
+        }
+        out
+    }
+
+    #[test]
+    fn appends_survive_reopen_in_order_and_removals_stick() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, rung, _) = open(dir.path(), 1 << 30);
+            let (appender, writer) = start_writer(store.clone(), Duration::from_millis(1));
+            let task = smol::spawn(writer);
+            smol::block_on(async {
+                appender.append(batch(&[1, 2])).await.unwrap();
+                appender.append(batch(&[3])).await.unwrap();
+                appender.append(batch(&[4])).await.unwrap();
+            });
+            assert!(rung.try_recv().is_ok(), "producer must be told");
+            drop(appender);
+            smol::block_on(task);
+            let (seq, v) = store.next_batch(0).unwrap().unwrap();
+            store.remove(seq, v.len() as u64, 2).unwrap();
+            store.flush().unwrap();
+        }
+        let (store, _, metrics) = open(dir.path(), 1 << 30);
+        assert_eq!(drain(&store), vec![3, 4]);
+        assert_eq!(metrics.outbox_records.load(Relaxed), 2);
+        // New appends go after the old ones.
+        let (appender, writer) = start_writer(store.clone(), Duration::ZERO);
+        let task = smol::spawn(writer);
+        smol::block_on(appender.append(batch(&[5]))).unwrap();
+        drop(appender);
+        smol::block_on(task);
+        assert_eq!(drain(&store), vec![3, 4, 5]);
+    }
+
+    #[test]
+    fn cap_refuses_with_full_and_keeps_what_was_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _, _) = open(dir.path(), 1 << 20);
+        let (appender, writer) = start_writer(store.clone(), Duration::ZERO);
+        let task = smol::spawn(writer);
+        let big = |id: u128| {
+            let mut b = AppendBatch::new();
+            b.push(b"k", &Uuid::from_u128(id), |out| {
+                out.extend(std::iter::repeat_n(b'x', 300 << 10))
+            });
+            b
+        };
+        smol::block_on(async {
+            appender.append(big(1)).await.unwrap();
+            appender.append(big(2)).await.unwrap();
+            appender.append(big(3)).await.unwrap();
+            assert_eq!(appender.append(big(4)).await, Err(AppendError::Full));
+        });
+        assert_eq!(drain(&store), vec![1, 2, 3]);
+        drop(appender);
+        smol::block_on(task);
+    }
+}

@@ -1,0 +1,348 @@
+//! Outbox → Kafka: sends stored requests in order and removes each batch once
+//! Kafka confirmed all of it.
+//!
+//! The producer is idempotent with `acks=all` and an infinite message timeout
+//! (`message.timeout.ms=0`): during an outage librdkafka keeps retrying in
+//! order instead of failing messages, so nothing is resent behind a later
+//! one. Only a delivery report counts: a batch is removed after every request
+//! in it was confirmed. If a report carries an error (a permanent one, given
+//! the infinite timeout), everything from the first failed batch on is sent
+//! again after a back-off, by a fresh producer if librdkafka declared the old
+//! one unusable. Duplicates carry the same messageId.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::statistics::Statistics;
+use rdkafka::ClientContext;
+use smol::channel::{self, Receiver, Sender};
+use smol::Timer;
+use uuid::Uuid;
+
+use crate::config::KafkaConfig;
+use crate::metrics::Metrics;
+use crate::outbox::{Batch, Store};
+
+/// Requests handed to librdkafka and not yet confirmed, at most. Bounds
+/// memory during a long outage (the rest waits on disk) while keeping enough
+/// in flight for full-speed batching.
+const MAX_IN_FLIGHT: usize = 50_000;
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Removals are persisted at least this often even without new appends.
+const REMOVAL_FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot create the Kafka producer: {0}")]
+pub struct ProducerError(#[from] KafkaError);
+
+type Report = (usize, Result<(), KafkaError>);
+
+pub struct Context {
+    reports: Sender<Report>,
+    metrics: Arc<Metrics>,
+}
+
+impl ClientContext for Context {
+    fn stats(&self, stats: Statistics) {
+        // Bootstrap entries have nodeid -1; a learned broker that is UP means
+        // the cluster is reachable.
+        let up = stats
+            .brokers
+            .values()
+            .any(|b| b.nodeid >= 0 && b.state == "UP");
+        self.metrics
+            .kafka_broker_connected
+            .store(i64::from(up), Relaxed);
+    }
+}
+
+impl ProducerContext for Context {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, local_id: usize) {
+        let outcome = match result {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(e.clone()),
+        };
+        let _ = self.reports.try_send((local_id, outcome));
+    }
+}
+
+/// The librdkafka settings of the producer; `kafka.properties` come last so
+/// an operator can add TLS/SASL or tune anything.
+pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "0")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("queue.buffering.max.kbytes", "1048576")
+        .set("statistics.interval.ms", "1000");
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+struct InFlight {
+    seq: u64,
+    /// This process's id of the batch, carried by each delivery report.
+    local: usize,
+    count: u32,
+    remaining: u32,
+    bytes: u64,
+    failed: bool,
+}
+
+pub struct Pipeline {
+    store: Arc<Store>,
+    topic: String,
+    config: ClientConfig,
+    metrics: Arc<Metrics>,
+    reports_tx: Sender<Report>,
+    reports: Receiver<Report>,
+    producer: ThreadedProducer<Context>,
+    in_flight: VecDeque<InFlight>,
+    in_flight_msgs: usize,
+    next_local: usize,
+    /// Next outbox seq to read.
+    cursor: u64,
+}
+
+impl Pipeline {
+    pub fn new(
+        store: Arc<Store>,
+        cfg: &KafkaConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ProducerError> {
+        let (reports_tx, reports) = channel::unbounded();
+        let config = client_config(cfg);
+        let producer = create(&config, reports_tx.clone(), metrics.clone())?;
+        Ok(Pipeline {
+            store,
+            topic: cfg.producer_topic.clone(),
+            config,
+            metrics,
+            reports_tx,
+            reports,
+            producer,
+            in_flight: VecDeque::new(),
+            in_flight_msgs: 0,
+            next_local: 0,
+            cursor: 0,
+        })
+    }
+
+    /// Runs until `stop` is set and the doorbell closes or rings.
+    pub async fn run(mut self, doorbell: Receiver<()>, stop: Arc<AtomicBool>) {
+        let mut backoff = RETRY_MIN;
+        let mut removed_since_flush = false;
+        let mut last_flush = Instant::now();
+        loop {
+            if stop.load(Relaxed) {
+                break;
+            }
+            self.fill().await;
+            let wake = smol::future::or(
+                smol::future::or(
+                    async {
+                        let first = self.reports.recv().await;
+                        first.ok().map(Some)
+                    },
+                    async {
+                        let _ = doorbell.recv().await;
+                        Some(None)
+                    },
+                ),
+                async {
+                    Timer::after(REMOVAL_FLUSH_EVERY).await;
+                    Some(None)
+                },
+            )
+            .await;
+            let mut failed = false;
+            if let Some(Some(report)) = wake {
+                failed |= self.record(report);
+            }
+            while let Ok(report) = self.reports.try_recv() {
+                failed |= self.record(report);
+            }
+            removed_since_flush |= self.remove_delivered();
+            if failed || self.in_flight.iter().any(|b| b.failed) {
+                if self.in_flight.iter().all(|b| b.remaining == 0) {
+                    self.rewind(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+            } else if !self.in_flight.is_empty() {
+                backoff = RETRY_MIN;
+            }
+            if removed_since_flush && last_flush.elapsed() >= REMOVAL_FLUSH_EVERY {
+                let store = self.store.clone();
+                if let Err(e) = smol::unblock(move || store.flush()).await {
+                    log::warn!("persisting outbox removals failed: {e}");
+                }
+                removed_since_flush = false;
+                last_flush = Instant::now();
+            }
+        }
+        let store = self.store.clone();
+        if let Err(e) = smol::unblock(move || store.flush()).await {
+            log::warn!("persisting outbox removals failed: {e}");
+        }
+    }
+
+    /// Hands stored batches to librdkafka, up to the in-flight limit.
+    async fn fill(&mut self) {
+        if self.in_flight.iter().any(|b| b.failed) {
+            return; // wait for the rewind
+        }
+        while self.in_flight_msgs < MAX_IN_FLIGHT {
+            let (seq, value) = match self.store.next_batch(self.cursor) {
+                Ok(Some(next)) => next,
+                Ok(None) => return,
+                Err(e) => {
+                    log::error!("reading the outbox failed: {e}");
+                    return;
+                }
+            };
+            self.cursor = seq + 1;
+            let batch = match Batch::parse(&value) {
+                Ok(b) => b,
+                Err(e) => {
+                    log::error!("outbox batch {seq} is corrupt ({e}); skipping it");
+                    self.metrics.outbox_corrupt_batches.fetch_add(1, Relaxed);
+                    // Its record count is unknown; the gauge is re-counted on start.
+                    if let Err(e) = self.store.remove(seq, value.len() as u64, 0) {
+                        log::error!("removing corrupt outbox batch {seq} failed: {e}");
+                    }
+                    continue;
+                }
+            };
+            let local = self.next_local;
+            self.next_local = self.next_local.wrapping_add(1);
+            self.in_flight.push_back(InFlight {
+                seq,
+                local,
+                count: batch.count,
+                remaining: batch.count,
+                bytes: value.len() as u64,
+                failed: false,
+            });
+            self.in_flight_msgs += batch.count as usize;
+            let mut id_buf = Uuid::encode_buffer();
+            for entry in batch.entries() {
+                let id = entry.message_id.hyphenated().encode_lower(&mut id_buf);
+                let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
+                    key: "message-id",
+                    value: Some(id.as_bytes()),
+                });
+                let mut record = BaseRecord::with_opaque_to(&self.topic, local)
+                    .key(entry.key)
+                    .payload(entry.payload)
+                    .headers(headers);
+                loop {
+                    match self.producer.send(record) {
+                        Ok(()) => break,
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                            record = back;
+                            Timer::after(Duration::from_millis(5)).await;
+                        }
+                        Err((e, _)) => {
+                            // Not even queued: treat as a failed delivery.
+                            let _ = self.reports_tx.try_send((local, Err(e)));
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies one delivery report; true if it failed.
+    fn record(&mut self, (local, outcome): Report) -> bool {
+        let Some(front) = self.in_flight.front() else {
+            return false;
+        };
+        let index = local.wrapping_sub(front.local);
+        let Some(batch) = self.in_flight.get_mut(index) else {
+            return false; // a report from before a rewind
+        };
+        batch.remaining = batch.remaining.saturating_sub(1);
+        self.in_flight_msgs = self.in_flight_msgs.saturating_sub(1);
+        match outcome {
+            Ok(()) => {
+                self.metrics.kafka_delivered.fetch_add(1, Relaxed);
+                false
+            }
+            Err(e) => {
+                self.metrics.kafka_failed.fetch_add(1, Relaxed);
+                if !batch.failed {
+                    log::error!(
+                        "Kafka refused a request of outbox batch {}: {e}; it will be sent again",
+                        batch.seq
+                    );
+                }
+                batch.failed = true;
+                true
+            }
+        }
+    }
+
+    /// Removes the confirmed batches at the front; true if any was removed.
+    fn remove_delivered(&mut self) -> bool {
+        let mut removed = false;
+        while let Some(front) = self.in_flight.front() {
+            if front.remaining > 0 || front.failed {
+                break;
+            }
+            if let Err(e) = self.store.remove(front.seq, front.bytes, front.count) {
+                log::error!("removing delivered outbox batch {} failed: {e}", front.seq);
+                break;
+            }
+            self.in_flight.pop_front();
+            removed = true;
+        }
+        removed
+    }
+
+    /// After a failure: resend from the first unconfirmed batch, with a fresh
+    /// producer if librdkafka says the old one cannot go on.
+    async fn rewind(&mut self, backoff: Duration) {
+        let Some(first) = self.in_flight.front() else {
+            return;
+        };
+        self.cursor = first.seq;
+        self.in_flight.clear();
+        self.in_flight_msgs = 0;
+        if let Some(fatal) = self.producer.client().fatal_error() {
+            log::error!("the Kafka producer failed fatally ({fatal:?}); creating a new one");
+            match create(&self.config, self.reports_tx.clone(), self.metrics.clone()) {
+                Ok(p) => self.producer = p,
+                Err(e) => log::error!("{e}"),
+            }
+        }
+        log::warn!(
+            "sending again from outbox batch {} in {backoff:?}",
+            self.cursor
+        );
+        Timer::after(backoff).await;
+        while self.reports.try_recv().is_ok() {}
+    }
+}
+
+fn create(
+    config: &ClientConfig,
+    reports: Sender<Report>,
+    metrics: Arc<Metrics>,
+) -> Result<ThreadedProducer<Context>, ProducerError> {
+    Ok(config.create_with_context(Context { reports, metrics })?)
+}
