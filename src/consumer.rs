@@ -19,6 +19,7 @@ use rdkafka::message::Message;
 use rdkafka::ClientContext;
 
 use crate::config::KafkaConfig;
+use crate::kafka::ErrorLog;
 use crate::metrics::Metrics;
 use crate::router::Router;
 
@@ -37,14 +38,24 @@ pub enum ConsumerError {
 
 struct Context {
     metrics: Arc<Metrics>,
+    errors: Arc<ErrorLog>,
 }
 
-impl ClientContext for Context {}
+impl ClientContext for Context {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.errors.report("Kafka consumer", &error, reason);
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        crate::producer::log_librdkafka(level, fac, log_message);
+    }
+}
 
 impl ConsumerContext for Context {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
+                self.errors.clear();
                 log::info!("downlink consumer assigned {} partitions", tpl.count());
                 self.metrics
                     .kafka_consumer_partitions
@@ -90,9 +101,11 @@ impl DownlinkConsumer {
         router: Arc<Router>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ConsumerError> {
+        let errors = Arc::new(ErrorLog::default());
         let consumer: BaseConsumer<Context> = client_config(cfg, group)
             .create_with_context(Context {
                 metrics: metrics.clone(),
+                errors: errors.clone(),
             })
             .map_err(ConsumerError::Create)?;
         let topics: Vec<&str> = cfg.consumer_topics.iter().map(String::as_str).collect();
@@ -106,7 +119,7 @@ impl DownlinkConsumer {
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("edgegate-consumer".into())
-            .spawn(move || consume(consumer, router, metrics, flag))
+            .spawn(move || consume(consumer, router, metrics, errors, flag))
             .map_err(ConsumerError::Thread)?;
         Ok(DownlinkConsumer { stop, thread })
     }
@@ -122,6 +135,7 @@ fn consume(
     consumer: BaseConsumer<Context>,
     router: Arc<Router>,
     metrics: Arc<Metrics>,
+    errors: Arc<ErrorLog>,
     stop: Arc<AtomicBool>,
 ) {
     while !stop.load(Relaxed) {
@@ -135,7 +149,7 @@ fn consume(
             }
             Some(Err(e)) => {
                 metrics.downlink_consumer_errors.fetch_add(1, Relaxed);
-                log::warn!("downlink consumer: {e}");
+                errors.report("Kafka consumer", &e, "polling for downlink messages");
             }
         }
     }

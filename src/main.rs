@@ -12,6 +12,7 @@ mod config;
 mod connection;
 mod consumer;
 mod frame;
+mod kafka;
 mod listener;
 mod metrics;
 mod outbox;

@@ -26,6 +26,7 @@ use smol::Timer;
 use uuid::Uuid;
 
 use crate::config::KafkaConfig;
+use crate::kafka::ErrorLog;
 use crate::metrics::Metrics;
 use crate::outbox::{Batch, Store};
 
@@ -47,6 +48,7 @@ type Report = (usize, Result<(), KafkaError>);
 pub struct Context {
     reports: Sender<Report>,
     metrics: Arc<Metrics>,
+    errors: ErrorLog,
 }
 
 impl ClientContext for Context {
@@ -57,9 +59,33 @@ impl ClientContext for Context {
             .brokers
             .values()
             .any(|b| b.nodeid >= 0 && b.state == "UP");
-        self.metrics
+        let was = self
+            .metrics
             .kafka_broker_connected
-            .store(i64::from(up), Relaxed);
+            .swap(i64::from(up), Relaxed);
+        if up && was == 0 {
+            log::info!("Kafka producer connected");
+            self.errors.clear();
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.errors.report("Kafka producer", &error, reason);
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        log_librdkafka(level, fac, log_message);
+    }
+}
+
+/// librdkafka's own log lines: connection failures are already reported
+/// through `error`, so they go to debug; real trouble stays visible.
+pub fn log_librdkafka(level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+    use rdkafka::config::RDKafkaLogLevel::*;
+    match level {
+        Emerg | Alert | Critical => log::error!(target: "librdkafka", "{fac}: {message}"),
+        Error | Warning if fac != "FAIL" => log::warn!(target: "librdkafka", "{fac}: {message}"),
+        _ => log::debug!(target: "librdkafka", "{fac}: {message}"),
     }
 }
 
@@ -344,5 +370,9 @@ fn create(
     reports: Sender<Report>,
     metrics: Arc<Metrics>,
 ) -> Result<ThreadedProducer<Context>, ProducerError> {
-    Ok(config.create_with_context(Context { reports, metrics })?)
+    Ok(config.create_with_context(Context {
+        reports,
+        metrics,
+        errors: ErrorLog::default(),
+    })?)
 }

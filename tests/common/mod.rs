@@ -1,0 +1,678 @@
+//! Test harness: a real tansu broker behind a cuttable TCP proxy, the real
+//! edgegate binary, device clients over plain sockets, and Kafka helpers.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::TopicPartitionList;
+use serde_json::Value;
+
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A free TCP port below 32768 (outside Linux's ephemeral range, so an
+/// outgoing connection cannot take it between the check and its use).
+pub fn free_port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 400) as u16 * 30,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let mut port = NEXT.fetch_add(1, Ordering::SeqCst);
+        if port >= 32_000 {
+            NEXT.store(20_000, Ordering::SeqCst);
+            port = 20_000;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+// ---------------------------------------------------------------- proxy ----
+
+/// A TCP proxy that can cut every connection and refuse new ones, to
+/// simulate a broker outage as the gateway sees it.
+pub struct Proxy {
+    pub port: u16,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    pub fn start(upstream: u16) -> Proxy {
+        let port = free_port();
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("proxy bind");
+        let up = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (up2, conns2) = (up.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if !up2.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                {
+                    let mut list = conns2.lock().unwrap();
+                    list.retain(|s| s.peer_addr().is_ok());
+                    list.push(client.try_clone().unwrap());
+                    list.push(server.try_clone().unwrap());
+                }
+                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+                pipe(server, client);
+            }
+        });
+        Proxy { port, up, conns }
+    }
+
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown(Shutdown::Both);
+        let _ = from.shutdown(Shutdown::Both);
+    });
+}
+
+// --------------------------------------------------------------- broker ----
+
+/// A tansu broker (memory storage) reached through a [`Proxy`]: the broker
+/// advertises the proxy's address, so every client goes through it.
+pub struct Broker {
+    child: Child,
+    pub proxy: Proxy,
+    _dir: tempfile::TempDir,
+}
+
+pub fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TANSU_BIN") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let candidate = Path::new(&home).join(".cargo/bin/tansu");
+    if candidate.exists() {
+        candidate
+    } else {
+        PathBuf::from("tansu")
+    }
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let proxy = Proxy::start(port);
+        let log = std::fs::File::create(dir.path().join("tansu.log")).unwrap();
+        let child = Command::new(tansu_bin())
+            .arg("broker")
+            .arg("--listener-url")
+            .arg(format!("tcp://127.0.0.1:{port}"))
+            .arg("--advertised-listener-url")
+            .arg(format!("tcp://127.0.0.1:{}", proxy.port))
+            .arg("--storage-engine")
+            .arg("memory://tansu/")
+            .current_dir(dir.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting tansu (run .ci/install-tansu.sh to install it)");
+        let broker = Broker {
+            child,
+            proxy,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + WAIT;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not start listening");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        broker
+    }
+
+    /// The address clients use (the proxy's).
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.proxy.port)
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", self.addr())
+            .create()
+            .unwrap();
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let result = smol::block_on(admin.create_topics([&topic], &opts)).expect("create_topics");
+        for r in result {
+            if let Err((t, e)) = r {
+                assert_eq!(
+                    e,
+                    rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
+                    "creating {t}"
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One broker shared by the tests of a binary that do not cut its link.
+pub fn shared_broker() -> &'static Broker {
+    static BROKER: OnceLock<Broker> = OnceLock::new();
+    BROKER.get_or_init(Broker::start)
+}
+
+/// A record as read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Vec<u8>,
+    pub payload: Value,
+    pub headers: HashMap<String, Vec<u8>>,
+}
+
+/// Reads `topic` from the beginning (assign, no group) until `want` records
+/// arrived or `timeout` passed. Counts records: never trusts watermarks.
+pub fn read_topic(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    want: usize,
+    timeout: Duration,
+) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < want && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let mut headers = HashMap::new();
+                if let Some(h) = m.headers() {
+                    for header in h.iter() {
+                        headers.insert(
+                            header.key.to_owned(),
+                            header.value.unwrap_or_default().to_vec(),
+                        );
+                    }
+                }
+                out.push(Record {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().unwrap_or_default().to_vec(),
+                    payload: serde_json::from_slice(m.payload().unwrap_or_default())
+                        .unwrap_or(Value::Null),
+                    headers,
+                });
+            }
+            Some(Err(_)) | None => {}
+        }
+    }
+    out
+}
+
+pub fn producer(brokers: &str) -> BaseProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "0")
+        .create()
+        .unwrap()
+}
+
+/// Produces raw payloads to `topic` and waits until they are delivered.
+pub fn produce(p: &BaseProducer, topic: &str, payloads: &[Vec<u8>]) {
+    for payload in payloads {
+        let mut record = BaseRecord::<(), [u8]>::to(topic).payload(payload);
+        loop {
+            match p.send(record) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    record = back;
+                    p.poll(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+    p.flush(Duration::from_secs(20)).expect("downlink produce");
+}
+
+// -------------------------------------------------------------- gateway ----
+
+pub struct GatewayOptions {
+    pub brokers: String,
+    pub env: Vec<(String, String)>,
+    pub data_dir: Option<PathBuf>,
+    pub wait_ready: bool,
+}
+
+impl GatewayOptions {
+    pub fn new(brokers: impl Into<String>) -> Self {
+        GatewayOptions {
+            brokers: brokers.into(),
+            env: Vec::new(),
+            data_dir: None,
+            wait_ready: true,
+        }
+    }
+
+    /// A gateway whose Kafka is unreachable: for tests of the device side.
+    pub fn offline() -> Self {
+        Self::new(format!("127.0.0.1:{}", free_port()))
+    }
+
+    pub fn env(mut self, key: &str, value: impl ToString) -> Self {
+        self.env.push((key.to_owned(), value.to_string()));
+        self
+    }
+
+    pub fn topics(self, uplink: &str, downlink: &str) -> Self {
+        self.env("EDGEGATE_KAFKA_PRODUCER_TOPIC", uplink)
+            .env("EDGEGATE_KAFKA_CONSUMER_TOPICS", downlink)
+    }
+}
+
+pub struct Gateway {
+    child: Option<Child>,
+    pub port: u16,
+    pub admin_port: u16,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    opts_env: Vec<(String, String)>,
+    brokers: String,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_edgegate")
+}
+
+impl Gateway {
+    pub fn start(opts: GatewayOptions) -> Gateway {
+        let (tmp, data_dir) = match opts.data_dir {
+            Some(d) => (None, d),
+            None => {
+                let t = tempfile::tempdir().unwrap();
+                let d = t.path().join("data");
+                (Some(t), d)
+            }
+        };
+        let mut g = Gateway {
+            child: None,
+            port: 0,
+            admin_port: 0,
+            log_path: PathBuf::new(),
+            data_dir,
+            _tmp: tmp,
+            opts_env: opts.env,
+            brokers: opts.brokers,
+        };
+        g.spawn(opts.wait_ready);
+        g
+    }
+
+    fn spawn(&mut self, wait_ready: bool) {
+        self.port = free_port();
+        self.admin_port = free_port();
+        std::fs::create_dir_all(&self.data_dir).unwrap();
+        self.log_path = self.data_dir.with_extension(format!("{}.log", self.port));
+        let log = std::fs::File::create(&self.log_path).unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--admin-listen")
+            .arg(format!("127.0.0.1:{}", self.admin_port))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--brokers")
+            .arg(&self.brokers)
+            .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
+            // Quick group joins on tansu (it takes about half the session timeout).
+            .env("EDGEGATE_KAFKA_DRAIN_TIMEOUT_SECS", "5")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in &self.opts_env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("starting edgegate"));
+        if wait_ready {
+            self.wait_ready();
+        }
+    }
+
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some((200, _)) = http_get(self.admin_port, "/readyz") {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "edgegate exited with {status} before ready:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "edgegate not ready:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn device(&self) -> Device {
+        Device::connect(self.port)
+    }
+
+    pub fn metrics(&self) -> HashMap<String, f64> {
+        let (_, body) = http_get(self.admin_port, "/metrics").expect("metrics");
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
+            .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+            .collect()
+    }
+
+    pub fn metric(&self, name: &str) -> f64 {
+        self.metrics().get(name).copied().unwrap_or(f64::NAN)
+    }
+
+    /// Waits until `f(metric)` holds.
+    pub fn wait_metric(&self, name: &str, f: impl Fn(f64) -> bool) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let v = self.metric(name);
+            if f(v) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} stayed at {v}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the downlink consumer has its partitions.
+    pub fn wait_consumer(&self) {
+        self.wait_metric("edgegate_kafka_consumer_partitions", |v| v >= 1.0);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                panic!("edgegate did not exit:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts again on the same data directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn(true);
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- edgegate log ----\n{}", self.log());
+        }
+        self.kill();
+    }
+}
+
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, body))
+}
+
+// --------------------------------------------------------------- device ----
+
+pub struct Device {
+    pub stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Device {
+    pub fn connect(port: u16) -> Device {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to gateway");
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let _ = stream.set_nodelay(true);
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Device { stream, reader }
+    }
+
+    pub fn try_connect(port: u16) -> Option<Device> {
+        let stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut reader = BufReader::new(stream.try_clone().ok()?);
+        // A listener that stopped accepting may still complete the handshake
+        // in the kernel backlog; count it as refused if nothing is served.
+        let _ = (&stream).write_all(b"Ping\n");
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(n) if n > 0 => Some(Device { stream, reader }),
+            _ => None,
+        }
+    }
+
+    pub fn send(&mut self, line: &str) {
+        self.stream.write_all(line.as_bytes()).unwrap();
+        self.stream.write_all(b"\n").unwrap();
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// The next line, without its newline; None on EOF or timeout.
+    pub fn line(&mut self) -> Option<String> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(line.trim_end_matches(['\n', '\r']).to_owned()),
+        }
+    }
+
+    pub fn json(&mut self) -> Value {
+        let line = self.line().expect("a reply line");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?} is not JSON: {e}"))
+    }
+
+    pub fn set_timeout(&self, t: Duration) {
+        self.stream.set_read_timeout(Some(t)).unwrap();
+    }
+
+    /// Sends one request and returns the reply (ack or error).
+    pub fn request(
+        &mut self,
+        action: &str,
+        uid: &str,
+        device_uid: Option<&str>,
+        data: Value,
+    ) -> Value {
+        let mut req = serde_json::json!({"action": action, "uid": uid, "data": data});
+        if let Some(d) = device_uid {
+            req["deviceUid"] = Value::from(d);
+        }
+        self.send(&req.to_string());
+        self.json()
+    }
+
+    /// True once the gateway closed the connection (EOF within `t`).
+    pub fn closed_within(&mut self, t: Duration) -> bool {
+        self.set_timeout(t);
+        let mut buf = [0u8; 256];
+        loop {
+            match self.reader.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+pub fn ack_id(reply: &Value) -> String {
+    assert_eq!(reply["action"], "ack", "expected an ack, got {reply}");
+    assert_eq!(reply["status"], "accepted", "{reply}");
+    reply["messageId"].as_str().expect("messageId").to_owned()
+}
+
+/// Finds the clientId the gateway gave a device: it sends one request and
+/// reads its envelope back from the uplink topic.
+pub fn client_id_of(device: &mut Device, brokers: &str, uplink: &str) -> String {
+    let uid = unique("whoami");
+    let id = ack_id(&device.request("whoami", &uid, None, Value::Null));
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        let records = read_topic(brokers, uplink, 1, usize::MAX, Duration::from_secs(2));
+        if let Some(r) = records.iter().find(|r| r.payload["messageId"] == id) {
+            return r.payload["clientId"].as_str().unwrap().to_owned();
+        }
+    }
+    panic!("envelope of {id} never reached {uplink}");
+}
+
+pub fn server_response(client_id: Option<&str>, device_uid: Option<&str>, body: Value) -> Vec<u8> {
+    let mut v = serde_json::json!({ "deviceResponse": body });
+    if let Some(c) = client_id {
+        v["clientId"] = Value::from(c);
+    }
+    if let Some(d) = device_uid {
+        v["deviceUid"] = Value::from(d);
+    }
+    v.to_string().into_bytes()
+}
+
+/// Produces `probe` downlink messages to `client_id` until the device gets
+/// one: the consumer joined and its start offset is resolved. Swallows the
+/// probes it receives.
+pub fn wait_downlink(device: &mut Device, p: &BaseProducer, topic: &str, client_id: &str) {
+    device.set_timeout(Duration::from_millis(500));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let probe = server_response(
+            Some(client_id),
+            None,
+            serde_json::json!({"action":"probe","status":"ok"}),
+        );
+        produce(p, topic, &[probe]);
+        if let Some(line) = device.line() {
+            assert!(line.contains("probe"), "unexpected line {line}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "downlink never arrived");
+    }
+    // Drain probes still in flight.
+    device.set_timeout(Duration::from_millis(300));
+    while device.line().is_some() {}
+    device.set_timeout(WAIT);
+}

@@ -1,0 +1,307 @@
+//! The device side of the contract (PROTOCOL 1) against the real binary.
+//! Kafka is unreachable here on purpose: acks depend on the outbox only.
+
+mod common;
+
+use std::io::Write;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn gateway() -> Gateway {
+    Gateway::start(GatewayOptions::offline())
+}
+
+#[test]
+fn ack_carries_uid_and_a_fresh_message_id() {
+    let gw = gateway();
+    let mut d = gw.device();
+    let a = d.request("telemetry", "req-1", Some("dev-42"), json!({"t": 21.5}));
+    let b = d.request("telemetry", "req-2", None, Value::Null);
+    assert_eq!(a["uid"], "req-1");
+    assert_eq!(b["uid"], "req-2");
+    let (ida, idb) = (ack_id(&a), ack_id(&b));
+    assert_ne!(ida, idb);
+    uuid::Uuid::parse_str(&ida).expect("messageId is a UUID");
+    assert_eq!(gw.metric("edgegate_acks_total"), 2.0);
+    assert_eq!(gw.metric("edgegate_outbox_records"), 2.0);
+}
+
+#[test]
+fn every_device_error_code_with_its_exact_reply() {
+    let gw =
+        Gateway::start(GatewayOptions::offline().env("EDGEGATE_LISTENER_MAX_FRAME_BYTES", 100));
+    let mut d = gw.device();
+
+    d.send("{not json");
+    let r = d.json();
+    assert_eq!(
+        (r["errorCode"].as_str(), r["uid"].as_str()),
+        (Some("bad_json"), Some(""))
+    );
+    assert_eq!(r["action"], "error");
+    assert_eq!(r["status"], "error");
+    assert!(r["errorMessage"].as_str().unwrap().len() > 5);
+
+    d.send_raw(b"{\"action\":\"a\",\"uid\":\"\xff\xfe\"}\n");
+    assert_eq!(d.json()["errorCode"], "bad_json");
+
+    d.send("[1,2,3]");
+    assert_eq!(d.json()["errorCode"], "bad_request");
+    d.send(r#"{"action":"a","uid":"u-7","deviceUid":5}"#);
+    let r = d.json();
+    assert_eq!(
+        (r["errorCode"].as_str(), r["uid"].as_str()),
+        (Some("bad_request"), Some("u-7"))
+    );
+    d.send(r#"{"action":"bad action","uid":"u-8"}"#);
+    assert_eq!(d.json()["errorCode"], "bad_request");
+    d.send(r#"{"action":"a"}"#);
+    let r = d.json();
+    assert_eq!(r["errorCode"], "bad_request");
+    assert!(r["errorMessage"].as_str().unwrap().contains("uid"));
+
+    d.send(&format!(
+        r#"{{"action":"a","uid":"big","data":"{}"}}"#,
+        "x".repeat(200)
+    ));
+    let r = d.json();
+    assert_eq!(
+        (r["errorCode"].as_str(), r["uid"].as_str()),
+        (Some("frame_too_large"), Some(""))
+    );
+
+    // The connection is still fine after every one of them.
+    ack_id(&d.request("a", "after", None, Value::Null));
+    for code in ["bad_json", "bad_request", "frame_too_large"] {
+        assert!(
+            gw.metric(&format!("edgegate_errors_total{{code=\"{code}\"}}")) >= 1.0,
+            "{code}"
+        );
+    }
+}
+
+#[test]
+fn pings_are_answered_and_not_stored() {
+    let gw = gateway();
+    let mut d = gw.device();
+    d.send("Ping");
+    assert_eq!(d.line().unwrap(), "Pong");
+    d.send_raw(b"Ping\r\n");
+    assert_eq!(d.line().unwrap(), "Pong");
+    d.send(r#"{"action":"ping","uid":"p-1"}"#);
+    assert_eq!(d.json(), json!({"action":"pong","uid":"p-1","status":"ok"}));
+    assert_eq!(gw.metric("edgegate_outbox_records"), 0.0);
+}
+
+#[test]
+fn frames_split_and_merged_across_reads_get_one_reply_each_in_order() {
+    let gw = gateway();
+    let mut d = gw.device();
+    let mut bytes = Vec::new();
+    for i in 0..50 {
+        match i % 5 {
+            0 => bytes.extend_from_slice(b"Ping\n"),
+            1 => bytes.extend_from_slice(b"{oops\r\n"),
+            2 => bytes.extend_from_slice(b"\n"), // ignored, no reply
+            _ => bytes
+                .extend_from_slice(format!("{{\"action\":\"t\",\"uid\":\"u{i}\"}}\n").as_bytes()),
+        }
+    }
+    // First all of it in one write, then byte by byte, then in odd chunks.
+    d.send_raw(&bytes);
+    for b in &bytes {
+        d.stream.write_all(std::slice::from_ref(b)).unwrap();
+    }
+    for chunk in bytes.chunks(7) {
+        d.stream.write_all(chunk).unwrap();
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    for round in 0..3 {
+        for i in 0..50 {
+            match i % 5 {
+                0 => assert_eq!(d.line().unwrap(), "Pong", "round {round} frame {i}"),
+                1 => assert_eq!(d.json()["errorCode"], "bad_json"),
+                2 => {}
+                _ => assert_eq!(d.json()["uid"], format!("u{i}"), "round {round}"),
+            }
+        }
+    }
+    d.send("Ping");
+    assert_eq!(d.line().unwrap(), "Pong", "no extra replies were queued");
+}
+
+#[test]
+fn oversized_frame_is_discarded_without_growing_memory() {
+    let gw = gateway();
+    let mut d = gw.device();
+    let rss_before = rss_kib(gw.pid());
+    // 32 MiB in one line, then a normal frame.
+    let chunk = vec![b'x'; 1 << 20];
+    for _ in 0..32 {
+        d.send_raw(&chunk);
+    }
+    d.send_raw(b"\n");
+    let r = d.json();
+    assert_eq!(r["errorCode"], "frame_too_large");
+    ack_id(&d.request("a", "next", None, Value::Null));
+    let grown = rss_kib(gw.pid()).saturating_sub(rss_before);
+    assert!(
+        grown < 8 * 1024,
+        "RSS grew by {grown} KiB for a discarded 32 MiB frame"
+    );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn idle_connection_is_closed_and_partial_bytes_do_not_keep_it_open() {
+    let gw =
+        Gateway::start(GatewayOptions::offline().env("EDGEGATE_LISTENER_IDLE_TIMEOUT_SECS", 1));
+    let mut quiet = gw.device();
+    let mut dribbler = gw.device();
+    let mut busy = gw.device();
+    let start = std::time::Instant::now();
+    // Dribble for most of the timeout, and ping on another connection.
+    for _ in 0..4 {
+        dribbler.send_raw(b"{");
+        busy.send("Ping");
+        assert_eq!(busy.line().unwrap(), "Pong");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(quiet.closed_within(Duration::from_secs(3)));
+    assert!(dribbler.closed_within(Duration::from_secs(3)));
+    assert!(start.elapsed() >= Duration::from_millis(900));
+    for _ in 0..2 {
+        busy.send("Ping");
+        assert_eq!(busy.line().unwrap(), "Pong");
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    busy.send("Ping");
+    assert_eq!(
+        busy.line().unwrap(),
+        "Pong",
+        "a connection completing frames stays open"
+    );
+    assert!(gw.metric("edgegate_connections_idle_closed_total") >= 2.0);
+}
+
+#[test]
+fn max_connections_answers_server_busy_then_closes() {
+    let gw = Gateway::start(GatewayOptions::offline().env("EDGEGATE_LISTENER_MAX_CONNECTIONS", 3));
+    let mut held: Vec<Device> = (0..3).map(|_| gw.device()).collect();
+    for d in &mut held {
+        d.send("Ping");
+        assert_eq!(d.line().unwrap(), "Pong");
+    }
+    let mut extra = gw.device();
+    let r = extra.json();
+    assert_eq!(r["errorCode"], "server_busy");
+    assert_eq!(r["uid"], "");
+    assert!(extra.closed_within(Duration::from_secs(5)));
+    // A slot frees up when one leaves.
+    drop(held.pop());
+    gw.wait_metric("edgegate_connections", |v| v == 2.0);
+    let mut again = gw.device();
+    again.send("Ping");
+    assert_eq!(again.line().unwrap(), "Pong");
+    assert_eq!(gw.metric("edgegate_connections_rejected_total"), 1.0);
+}
+
+#[test]
+fn a_stalled_or_flooding_connection_does_not_delay_others() {
+    let gw = gateway();
+    // One connection floods pings and never reads its replies.
+    let mut flood = gw.device();
+    let flood_stream = flood.stream.try_clone().unwrap();
+    let flooder = std::thread::spawn(move || {
+        let mut s = flood_stream;
+        let line = b"Ping\n".repeat(10_000);
+        let until = std::time::Instant::now() + Duration::from_secs(3);
+        while std::time::Instant::now() < until {
+            s.set_write_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            if s.write_all(&line).is_err() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    });
+    // Another one sends half a frame and stalls.
+    let mut stalled = gw.device();
+    stalled.send_raw(b"{\"action\":\"a\",");
+    let mut d = gw.device();
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..20 {
+        let t = std::time::Instant::now();
+        ack_id(&d.request("a", &format!("u{i}"), None, Value::Null));
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "ack took {:?}",
+            t.elapsed()
+        );
+    }
+    flooder.join().unwrap();
+    drop(flood);
+}
+
+#[test]
+fn outbox_cap_refuses_with_outbox_full_and_keeps_the_connection() {
+    let gw = Gateway::start(GatewayOptions::offline().env("EDGEGATE_OUTBOX_MAX_BYTES", 1 << 20));
+    let mut d = gw.device();
+    let data = "y".repeat(60_000);
+    let mut acked = 0;
+    let mut full = None;
+    for i in 0..40 {
+        let r = d.request("bulk", &format!("u{i}"), None, json!(data));
+        if r["action"] == "ack" {
+            acked += 1;
+        } else {
+            full = Some(r);
+            break;
+        }
+    }
+    let r = full.expect("the 1 MiB cap was never reached");
+    assert_eq!(r["errorCode"], "outbox_full");
+    assert!(r["uid"].as_str().unwrap().starts_with('u'));
+    assert!(acked >= 5, "only {acked} acks before outbox_full");
+    // Still usable: pings work, acknowledged records are all still there.
+    d.send("Ping");
+    assert_eq!(d.line().unwrap(), "Pong");
+    assert_eq!(gw.metric("edgegate_outbox_records"), acked as f64);
+    assert!(gw.metric("edgegate_outbox_disk_bytes") <= (1 << 20) as f64 * 1.05);
+}
+
+#[test]
+fn sigterm_answers_new_frames_with_shutting_down_and_exits_zero() {
+    let mut gw =
+        Gateway::start(GatewayOptions::offline().env("EDGEGATE_KAFKA_DRAIN_TIMEOUT_SECS", 3));
+    let mut d = gw.device();
+    ack_id(&d.request("a", "before", None, Value::Null));
+    gw.signal("TERM");
+    // Kafka is unreachable, so the gateway waits out the drain timeout with
+    // the connection open: a request now is refused and the connection closed.
+    std::thread::sleep(Duration::from_millis(300));
+    d.send(r#"{"action":"a","uid":"late"}"#);
+    let r = d.json();
+    assert_eq!(r["errorCode"], "shutting_down");
+    assert_eq!(r["uid"], "late");
+    assert!(d.closed_within(Duration::from_secs(5)));
+    assert!(
+        common::Device::try_connect(gw.port).is_none(),
+        "no new connections during shutdown"
+    );
+    assert_eq!(gw.wait_exit(Duration::from_secs(15)), Some(0));
+    // The acked request is still in the outbox for the next start.
+    let mut opts = GatewayOptions::offline();
+    opts.data_dir = Some(gw.data_dir.clone());
+    let restarted = Gateway::start(opts);
+    assert_eq!(restarted.metric("edgegate_outbox_records"), 1.0);
+}
