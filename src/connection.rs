@@ -63,7 +63,7 @@ pub async fn serve(socket: Arc<Async<TcpStream>>, peer: SocketAddr, shared: Arc<
 
 #[derive(Debug)]
 enum Closed {
-    PeerClosed,
+    ByPeer,
     Idle,
     ShuttingDown,
     RouterGone,
@@ -164,7 +164,7 @@ impl Connection {
             let work = match step {
                 Step::Work(work) => work,
                 Step::Drained => return Ok(None),
-                Step::Eof => return Ok(Some(Closed::PeerClosed)),
+                Step::Eof => return Ok(Some(Closed::ByPeer)),
             };
             since_yield += work.frames;
             if work.frames > 0 {

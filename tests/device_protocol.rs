@@ -220,7 +220,7 @@ fn max_connections_answers_server_busy_then_closes() {
 fn a_stalled_or_flooding_connection_does_not_delay_others() {
     let gw = gateway();
     // One connection floods pings and never reads its replies.
-    let mut flood = gw.device();
+    let flood = gw.device();
     let flood_stream = flood.stream.try_clone().unwrap();
     let flooder = std::thread::spawn(move || {
         let mut s = flood_stream;

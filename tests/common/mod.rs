@@ -250,27 +250,24 @@ pub fn read_topic(
     let deadline = Instant::now() + timeout;
     let mut out = Vec::new();
     while out.len() < want && Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                let mut headers = HashMap::new();
-                if let Some(h) = m.headers() {
-                    for header in h.iter() {
-                        headers.insert(
-                            header.key.to_owned(),
-                            header.value.unwrap_or_default().to_vec(),
-                        );
-                    }
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let mut headers = HashMap::new();
+            if let Some(h) = m.headers() {
+                for header in h.iter() {
+                    headers.insert(
+                        header.key.to_owned(),
+                        header.value.unwrap_or_default().to_vec(),
+                    );
                 }
-                out.push(Record {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().unwrap_or_default().to_vec(),
-                    payload: serde_json::from_slice(m.payload().unwrap_or_default())
-                        .unwrap_or(Value::Null),
-                    headers,
-                });
             }
-            Some(Err(_)) | None => {}
+            out.push(Record {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().unwrap_or_default().to_vec(),
+                payload: serde_json::from_slice(m.payload().unwrap_or_default())
+                    .unwrap_or(Value::Null),
+                headers,
+            });
         }
     }
     out

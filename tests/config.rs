@@ -1,0 +1,111 @@
+//! Configuration as the service loads it: refusals name the key and exit
+//! non-zero; check-config prints the effective settings.
+
+mod common;
+
+use std::process::Command;
+
+use common::bin;
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_values_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("edgegate.toml");
+    std::fs::write(&file, "[listener]\nmax_connections = \"lots\"\n").unwrap();
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            vec!["--config", file.to_str().unwrap()],
+            vec![],
+            "listener.max_connections",
+        ),
+        (
+            vec![],
+            vec![("EDGEGATE_OUTBOX_FLUSH_INTERVAL_MS", "soon")],
+            "outbox.flush_interval_ms",
+        ),
+        (
+            vec!["--listen", "not-an-address"],
+            vec![],
+            "listener.address",
+        ),
+        (
+            vec![],
+            vec![("EDGEGATE_KAFKA_CONSUMER_TOPICS", "ok,bad topic")],
+            "kafka.consumer_topics",
+        ),
+    ];
+    for (args, env, key) in cases {
+        let (code, _, stderr) = run(&args, &env);
+        assert_ne!(code, Some(0), "{key} was accepted");
+        assert!(
+            stderr.contains(key),
+            "refusal does not name {key}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn unknown_keys_missing_files_and_flags_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("edgegate.toml");
+    std::fs::write(&file, "[outbox]\nmax_byte = 5\n").unwrap();
+    let (code, _, stderr) = run(&["--config", file.to_str().unwrap()], &[]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("outbox.max_byte"), "{stderr}");
+    let (code, _, stderr) = run(&["--config", "/nonexistent/edgegate.toml"], &[]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("/nonexistent/edgegate.toml"), "{stderr}");
+    let (code, _, _) = run(&["--no-such-flag"], &[]);
+    assert_eq!(code, Some(2));
+}
+
+#[test]
+fn check_config_prints_effective_settings_with_precedence() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("edgegate.toml");
+    std::fs::write(
+        &file,
+        "data_dir = \"/var/lib/x\"\n[kafka]\nbrokers = \"file:9092\"\nproducer_topic = \"from_file\"\n[kafka.properties]\n\"sasl.password\" = \"s3cret\"\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run(
+        &[
+            "check-config",
+            "--config",
+            file.to_str().unwrap(),
+            "--brokers",
+            "flag:9092",
+        ],
+        &[
+            ("EDGEGATE_KAFKA_PRODUCER_TOPIC", "from_env"),
+            ("EDGEGATE_KAFKA_BROKERS", "env:9092"),
+        ],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("kafka.brokers = \"flag:9092\""), "{stdout}");
+    assert!(
+        stdout.contains("kafka.producer_topic = \"from_env\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("data_dir = \"/var/lib/x\""), "{stdout}");
+    assert!(
+        stdout.contains("listener.max_frame_bytes = 65536"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("s3cret"), "secrets are not printed");
+}

@@ -1,0 +1,196 @@
+//! Kafka → devices against a real broker: routing by clientId and deviceUid,
+//! connect.response binding, takeover, spoofing, the serverId filter and
+//! garbage records (PROTOCOL 1.4, 2.2).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+struct Setup {
+    gw: Gateway,
+    up: String,
+    down: String,
+    brokers: String,
+    producer: rdkafka::producer::BaseProducer,
+}
+
+fn setup(server_id: &str) -> Setup {
+    let broker = shared_broker();
+    let (up, down) = (unique("up"), unique("down"));
+    broker.create_topic(&up, 1);
+    broker.create_topic(&down, 2);
+    let gw = Gateway::start(
+        GatewayOptions::new(broker.addr())
+            .topics(&up, &down)
+            .env("EDGEGATE_SERVER_ID", server_id)
+            // tansu takes about half the session timeout to form a group.
+            .env("EDGEGATE_KAFKA_CONSUMER_GROUP_ID", unique("group")),
+    );
+    gw.wait_consumer();
+    Setup {
+        gw,
+        up,
+        down,
+        brokers: broker.addr(),
+        producer: producer(&broker.addr()),
+    }
+}
+
+impl Setup {
+    /// A connected device, its clientId, with downlink proven to flow.
+    fn device(&self) -> (Device, String) {
+        let mut d = self.gw.device();
+        let client = client_id_of(&mut d, &self.brokers, &self.up);
+        wait_downlink(&mut d, &self.producer, &self.down, &client);
+        (d, client)
+    }
+
+    fn send(&self, client: Option<&str>, device: Option<&str>, body: Value) {
+        produce(
+            &self.producer,
+            &self.down,
+            &[server_response(client, device, body)],
+        );
+    }
+}
+
+#[test]
+fn binding_routes_by_device_and_refuses_spoofing() {
+    let s = setup("gw-bind");
+    let (mut d, client) = s.device();
+
+    // By clientId, written exactly as the worker wrote deviceResponse.
+    let connect = json!({"action":"connect.response","uid":"c1","status":"ok","data":{"n":1},"errorCode":"","errorMessage":""});
+    s.send(Some(&client), Some("dev-1"), connect.clone());
+    assert_eq!(d.json(), connect);
+
+    // Bound: a request claiming another device is refused, its own accepted.
+    let r = d.request("t", "spoof", Some("dev-2"), Value::Null);
+    assert_eq!(
+        (r["errorCode"].as_str(), r["uid"].as_str()),
+        (Some("unauthorized"), Some("spoof"))
+    );
+    let own = ack_id(&d.request("t", "own", Some("dev-1"), Value::Null));
+    let silent = ack_id(&d.request("t", "no-claim", None, Value::Null));
+
+    // By deviceUid alone.
+    s.send(
+        None,
+        Some("dev-1"),
+        json!({"action":"notice","uid":"n1","status":"ok"}),
+    );
+    assert_eq!(d.json()["uid"], "n1");
+
+    // The envelopes carry the bound deviceUid, which is also the key.
+    let records = read_topic(&s.brokers, &s.up, 1, 3, WAIT);
+    for id in [&own, &silent] {
+        let r = records
+            .iter()
+            .find(|r| r.payload["messageId"] == id.as_str())
+            .expect("acked request in Kafka");
+        assert_eq!(r.payload["deviceUid"], "dev-1");
+        assert_eq!(r.key, b"dev-1");
+    }
+    assert!(records
+        .iter()
+        .all(|r| r.payload["deviceRequest"]["uid"] != "spoof"));
+}
+
+#[test]
+fn failed_connect_response_binds_nothing() {
+    let s = setup("gw-nobind");
+    let (mut d, client) = s.device();
+    s.send(
+        Some(&client),
+        Some("dev-x"),
+        json!({"action":"connect.response","uid":"c","status":"error"}),
+    );
+    assert_eq!(d.json()["status"], "error");
+    // Not bound: any deviceUid is accepted, and deviceUid routing finds nothing.
+    ack_id(&d.request("t", "u", Some("dev-other"), Value::Null));
+    let before = s.gw.metric("edgegate_downlink_undeliverable_total");
+    s.send(None, Some("dev-x"), json!({"action":"lost","status":"ok"}));
+    s.gw.wait_metric("edgegate_downlink_undeliverable_total", |v| v > before);
+}
+
+#[test]
+fn newer_binding_takes_over_the_device() {
+    let s = setup("gw-takeover");
+    let (mut old, old_client) = s.device();
+    let (mut new, new_client) = s.device();
+    let ok = |uid: &str| json!({"action":"connect.response","uid":uid,"status":"ok"});
+    s.send(Some(&old_client), Some("dev-t"), ok("first"));
+    assert_eq!(old.json()["uid"], "first");
+    s.send(Some(&new_client), Some("dev-t"), ok("second"));
+    assert_eq!(new.json()["uid"], "second");
+    assert!(
+        old.closed_within(Duration::from_secs(10)),
+        "the older connection is closed"
+    );
+    s.send(
+        None,
+        Some("dev-t"),
+        json!({"action":"notice","uid":"after","status":"ok"}),
+    );
+    assert_eq!(new.json()["uid"], "after");
+    assert!(s.gw.metric("edgegate_connections_taken_over_total") >= 1.0);
+}
+
+#[test]
+fn other_servers_and_garbage_records_are_skipped_without_stopping() {
+    let s = setup("gw-filter");
+    let (mut d, client) = s.device();
+    let mut for_other = json!({"deviceResponse":{"action":"x","uid":"other"},"clientId":client,"serverId":"gw-else"});
+    let garbage: Vec<Vec<u8>> = vec![
+        b"not json at all".to_vec(),
+        b"{}".to_vec(),
+        br#"{"deviceResponse":"a string"}"#.to_vec(),
+        br#"{"deviceResponse":null,"clientId":"x"}"#.to_vec(),
+        vec![0xff, 0x00, 0x13],
+        for_other.to_string().into_bytes(),
+    ];
+    produce(&s.producer, &s.down, &garbage);
+    for_other["serverId"] = json!("gw-filter");
+    for_other["deviceResponse"]["uid"] = json!("mine");
+    produce(&s.producer, &s.down, &[for_other.to_string().into_bytes()]);
+    // Pretty-printed JSON from a worker still arrives as one line.
+    let pretty = format!(
+        "{{\n \"deviceResponse\": {{\n  \"action\": \"x\",\n  \"uid\": \"pretty\"\n }},\n \"clientId\": \"{client}\"\n}}"
+    );
+    produce(&s.producer, &s.down, &[pretty.into_bytes()]);
+    // The partitions may interleave: collect both.
+    let mut got = vec![
+        d.json()["uid"].as_str().unwrap().to_owned(),
+        d.json()["uid"].as_str().unwrap().to_owned(),
+    ];
+    got.sort();
+    assert_eq!(got, ["mine", "pretty"]);
+    s.gw.wait_metric("edgegate_downlink_malformed_total", |v| v >= 5.0);
+    assert_eq!(s.gw.metric("edgegate_downlink_other_server_total"), 1.0);
+}
+
+#[test]
+fn offsets_resume_after_a_restart() {
+    let mut s = setup("gw-resume");
+    let (mut d, client) = s.device();
+    s.send(Some(&client), None, json!({"action":"x","uid":"live"}));
+    assert_eq!(d.json()["uid"], "live");
+    // Let auto-commit store the handled offsets, then stop cleanly.
+    std::thread::sleep(Duration::from_millis(1500));
+    s.gw.signal("TERM");
+    assert_eq!(s.gw.wait_exit(Duration::from_secs(20)), Some(0));
+    // Sent while the gateway is down: the restarted gateway must read them.
+    for i in 0..5 {
+        s.send(
+            None,
+            Some("dev-away"),
+            json!({"action":"x","uid":format!("away-{i}")}),
+        );
+    }
+    s.gw.restart();
+    s.gw.wait_metric("edgegate_downlink_received_total", |v| v >= 5.0);
+    assert!(s.gw.metric("edgegate_downlink_undeliverable_total") >= 5.0);
+}
