@@ -8,7 +8,7 @@
 //! handled.
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::ClientContext;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
 use crate::kafka::ErrorLog;
@@ -39,6 +39,8 @@ pub enum ConsumerError {
 struct Context {
     metrics: Arc<Metrics>,
     errors: Arc<ErrorLog>,
+    /// Partitions of a new assignment, for the poll loop to anchor.
+    assigned: Mutex<Option<Vec<(String, i32)>>>,
 }
 
 impl ClientContext for Context {
@@ -56,6 +58,12 @@ impl ConsumerContext for Context {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 self.errors.clear();
+                let parts = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect();
+                *self.assigned.lock().unwrap_or_else(|p| p.into_inner()) = Some(parts);
                 log::info!("downlink consumer assigned {} partitions", tpl.count());
                 self.metrics
                     .kafka_consumer_partitions
@@ -106,6 +114,7 @@ impl DownlinkConsumer {
             .create_with_context(Context {
                 metrics: metrics.clone(),
                 errors: errors.clone(),
+                assigned: Mutex::new(None),
             })
             .map_err(ConsumerError::Create)?;
         let topics: Vec<&str> = cfg.consumer_topics.iter().map(String::as_str).collect();
@@ -139,6 +148,15 @@ fn consume(
     stop: Arc<AtomicBool>,
 ) {
     while !stop.load(Relaxed) {
+        let assigned = consumer
+            .context()
+            .assigned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(parts) = assigned {
+            anchor_new_partitions(&consumer, &parts);
+        }
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
             Some(Ok(msg)) => {
@@ -158,4 +176,55 @@ fn consume(
         log::debug!("final downlink commit: {e}");
     }
     consumer.unsubscribe();
+}
+
+/// Commits a starting offset for assigned partitions that have none.
+///
+/// A new group starts at the end of each partition, but Kafka only keeps an
+/// offset for a partition once one is committed. Without this, a partition
+/// that received nothing before a restart would start at its end again and
+/// skip the responses sent while the gateway was down. The end is taken from
+/// the high watermark; a broker that under-reports it (tansu) makes this
+/// start a little early, which delivers old records again rather than losing
+/// new ones.
+fn anchor_new_partitions(consumer: &BaseConsumer<Context>, parts: &[(String, i32)]) {
+    const TIMEOUT: Duration = Duration::from_secs(5);
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition) in parts {
+        tpl.add_partition(topic, *partition);
+    }
+    let committed = match consumer.committed_offsets(tpl, TIMEOUT) {
+        Ok(c) => c,
+        Err(e) => {
+            log::warn!("cannot read committed downlink offsets: {e}");
+            return;
+        }
+    };
+    let mut anchors = TopicPartitionList::new();
+    for e in committed.elements() {
+        if e.offset() != Offset::Invalid {
+            continue;
+        }
+        match consumer.fetch_watermarks(e.topic(), e.partition(), TIMEOUT) {
+            Ok((_, high)) => {
+                let _ =
+                    anchors.add_partition_offset(e.topic(), e.partition(), Offset::Offset(high));
+            }
+            Err(err) => log::warn!(
+                "cannot read the end of {}/{}: {err}",
+                e.topic(),
+                e.partition()
+            ),
+        }
+    }
+    if anchors.count() == 0 {
+        return;
+    }
+    match consumer.commit(&anchors, CommitMode::Sync) {
+        Ok(()) => log::info!(
+            "downlink consumer: committed starting offsets for {} new partitions",
+            anchors.count()
+        ),
+        Err(e) => log::warn!("cannot commit starting downlink offsets: {e}"),
+    }
 }

@@ -8,6 +8,7 @@
 
 mod admin;
 mod app;
+mod bench;
 mod config;
 mod connection;
 mod consumer;
@@ -30,6 +31,7 @@ use config::{Config, Flags, FLAGS};
 const USAGE: &str = "\
 usage: edgegate [run] [OPTIONS]          run the gateway
        edgegate check-config [OPTIONS]   validate the configuration and print the effective settings
+       edgegate bench MODE [...]         load and measurement tools (edgegate bench help)
        edgegate --version | --help
 
 options:
@@ -48,6 +50,7 @@ them with RUST_LOG (e.g. RUST_LOG=debug or RUST_LOG=info,librdkafka=warn).
 enum Command {
     Run,
     CheckConfig,
+    Bench(bench::Options),
 }
 
 fn parse_args() -> Result<Option<(Command, Flags)>, lexopt::Error> {
@@ -61,6 +64,12 @@ fn parse_args() -> Result<Option<(Command, Flags)>, lexopt::Error> {
                 command = Some(match v.to_str() {
                     Some("run") => Command::Run,
                     Some("check-config") => Command::CheckConfig,
+                    Some("bench") => {
+                        let mode = parser.value()?.string()?;
+                        let options = bench::Options::parse(mode, &mut parser)
+                            .map_err(|e| lexopt::Error::Custom(Box::new(e)))?;
+                        return Ok(Some((Command::Bench(options), flags)));
+                    }
                     _ => return Err(lexopt::Error::UnexpectedArgument(v)),
                 });
             }
@@ -128,6 +137,15 @@ fn main() -> ExitCode {
         }
     };
     init_logging();
+    if let Command::Bench(options) = &command {
+        return match bench::run(options) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("edgegate bench: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let env: HashMap<String, String> = std::env::vars()
         .filter(|(k, _)| k.starts_with("EDGEGATE_"))
         .collect();
@@ -143,6 +161,7 @@ fn main() -> ExitCode {
             print!("{}", config.describe());
             ExitCode::SUCCESS
         }
+        Command::Bench(_) => unreachable!("handled before loading the configuration"),
         Command::Run => {
             raise_open_file_limit();
             match app::run(config) {

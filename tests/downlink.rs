@@ -173,24 +173,33 @@ fn other_servers_and_garbage_records_are_skipped_without_stopping() {
 }
 
 #[test]
-fn offsets_resume_after_a_restart() {
+fn offsets_resume_after_a_restart_even_on_untouched_partitions() {
     let mut s = setup("gw-resume");
     let (mut d, client) = s.device();
-    s.send(Some(&client), None, json!({"action":"x","uid":"live"}));
+    // Only partition 0 sees traffic before the restart.
+    let live = server_response(Some(&client), None, json!({"action":"x","uid":"live"}));
+    produce_to(&s.producer, &s.down, Some(0), &[live]);
     assert_eq!(d.json()["uid"], "live");
     // Let auto-commit store the handled offsets, then stop cleanly.
     std::thread::sleep(Duration::from_millis(1500));
     s.gw.signal("TERM");
     assert_eq!(s.gw.wait_exit(Duration::from_secs(20)), Some(0));
-    // Sent while the gateway is down: the restarted gateway must read them.
-    for i in 0..5 {
-        s.send(
-            None,
-            Some("dev-away"),
-            json!({"action":"x","uid":format!("away-{i}")}),
-        );
+    // Sent while the gateway is down, to both partitions: the restarted
+    // gateway must read all of them, including partition 1's, which had no
+    // record (and so no offset of its own) before.
+    for partition in [0, 1] {
+        let away: Vec<Vec<u8>> = (0..5)
+            .map(|i| {
+                server_response(
+                    None,
+                    Some("dev-away"),
+                    json!({"action":"x","uid":format!("away-{partition}-{i}")}),
+                )
+            })
+            .collect();
+        produce_to(&s.producer, &s.down, Some(partition), &away);
     }
     s.gw.restart();
-    s.gw.wait_metric("edgegate_downlink_received_total", |v| v >= 5.0);
-    assert!(s.gw.metric("edgegate_downlink_undeliverable_total") >= 5.0);
+    s.gw.wait_metric("edgegate_downlink_received_total", |v| v >= 10.0);
+    assert!(s.gw.metric("edgegate_downlink_undeliverable_total") >= 10.0);
 }

@@ -283,8 +283,16 @@ pub fn producer(brokers: &str) -> BaseProducer {
 
 /// Produces raw payloads to `topic` and waits until they are delivered.
 pub fn produce(p: &BaseProducer, topic: &str, payloads: &[Vec<u8>]) {
+    produce_to(p, topic, None, payloads)
+}
+
+/// Like [`produce`], to one partition (or the partitioner's choice).
+pub fn produce_to(p: &BaseProducer, topic: &str, partition: Option<i32>, payloads: &[Vec<u8>]) {
     for payload in payloads {
         let mut record = BaseRecord::<(), [u8]>::to(topic).payload(payload);
+        if let Some(partition) = partition {
+            record = record.partition(partition);
+        }
         loop {
             match p.send(record) {
                 Ok(()) => break,
@@ -661,7 +669,7 @@ pub fn wait_downlink(device: &mut Device, p: &BaseProducer, topic: &str, client_
             None,
             serde_json::json!({"action":"probe","status":"ok"}),
         );
-        produce(p, topic, &[probe]);
+        produce_to(p, topic, Some(0), &[probe]);
         if let Some(line) = device.line() {
             assert!(line.contains("probe"), "unexpected line {line}");
             break;

@@ -1,0 +1,433 @@
+//! `edgegate bench`: load and measurement modes, so that a static binary on a
+//! hub is also its own benchmark client. Each mode prints progress on stderr
+//! and one final `key=value` line on stdout.
+//!
+//! - `raw`: librdkafka straight to the broker, with the gateway's producer
+//!   settings: the limit the gateway is compared with.
+//! - `uplink`: C connections pipelining W frames each; ack latency
+//!   percentiles, msgs/s, and a check that every acked messageId is in the
+//!   topic (assign-based reader, no group join).
+//! - `idle`: N idle connections; the gateway's RSS per connection.
+//! - `drain`: watches a gateway's outbox drain (after a backlog was built
+//!   while its broker was unreachable): time and RSS curve.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::TopicPartitionList;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("Kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub const USAGE: &str = "\
+usage: edgegate bench raw    --brokers LIST --topic T [--messages N] [--size BYTES]
+       edgegate bench uplink --gateway ADDR --brokers LIST --topic T [--partitions P]
+                             [--connections C] [--window W] [--messages N] [--size BYTES] [--no-verify]
+       edgegate bench idle   --gateway ADDR --pid PID [--connections N]
+       edgegate bench drain  --admin ADDR --pid PID";
+
+/// Options shared by the modes, parsed from `--key value` pairs.
+pub struct Options {
+    pub mode: String,
+    pub brokers: String,
+    pub topic: String,
+    pub partitions: i32,
+    pub gateway: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub pid: Option<u32>,
+    pub connections: usize,
+    pub window: usize,
+    pub messages: u64,
+    pub size: usize,
+    pub verify: bool,
+}
+
+impl Options {
+    pub fn parse(mode: String, args: &mut lexopt::Parser) -> Result<Options, BenchError> {
+        use lexopt::prelude::*;
+        let mut o = Options {
+            mode,
+            brokers: "localhost:9092".into(),
+            topic: "edgegate_bench".into(),
+            partitions: 1,
+            gateway: None,
+            admin: None,
+            pid: None,
+            connections: 50,
+            window: 64,
+            messages: 200_000,
+            size: 200,
+            verify: true,
+        };
+        let bad = |e: lexopt::Error| BenchError::Usage(e.to_string());
+        while let Some(arg) = args.next().map_err(bad)? {
+            let name = match arg {
+                Long(name) => name.to_owned(),
+                other => return Err(BenchError::Usage(other.unexpected().to_string())),
+            };
+            let mut value = || -> Result<String, BenchError> {
+                args.value().map_err(bad)?.string().map_err(bad)
+            };
+            let num = |v: String| {
+                v.parse::<u64>()
+                    .map_err(|_| BenchError::Usage(format!("`{v}` is not a number")))
+            };
+            let addr = |v: String| {
+                v.parse::<SocketAddr>()
+                    .map_err(|_| BenchError::Usage(format!("`{v}` is not IP:port")))
+            };
+            match name.as_str() {
+                "brokers" => o.brokers = value()?,
+                "topic" => o.topic = value()?,
+                "partitions" => o.partitions = num(value()?)? as i32,
+                "gateway" => o.gateway = Some(addr(value()?)?),
+                "admin" => o.admin = Some(addr(value()?)?),
+                "pid" => o.pid = Some(num(value()?)? as u32),
+                "connections" => o.connections = num(value()?)?.max(1) as usize,
+                "window" => o.window = num(value()?)?.max(1) as usize,
+                "messages" => o.messages = num(value()?)?.max(1),
+                "size" => o.size = num(value()?)?.max(64) as usize,
+                "no-verify" => o.verify = false,
+                other => {
+                    return Err(BenchError::Usage(format!(
+                        "unknown option --{other}\n{USAGE}"
+                    )))
+                }
+            }
+        }
+        Ok(o)
+    }
+}
+
+pub fn run(o: &Options) -> Result<(), BenchError> {
+    match o.mode.as_str() {
+        "raw" => raw(o),
+        "uplink" => uplink(o),
+        "idle" => idle(o),
+        "drain" => drain(o),
+        other => Err(BenchError::Usage(format!(
+            "unknown bench mode `{other}`\n{USAGE}"
+        ))),
+    }
+}
+
+fn require<T: Copy>(v: Option<T>, name: &str) -> Result<T, BenchError> {
+    v.ok_or_else(|| BenchError::Usage(format!("--{name} is required\n{USAGE}")))
+}
+
+/// A frame of exactly `size` bytes (without the newline).
+fn frame(conn: usize, seq: u64, size: usize) -> String {
+    let head = format!("{{\"action\":\"telemetry\",\"uid\":\"{conn}-{seq}\",\"deviceUid\":\"bench-{conn}\",\"data\":{{\"p\":\"");
+    let tail = "\"}}";
+    let pad = size.saturating_sub(head.len() + tail.len());
+    format!("{head}{}{tail}", "x".repeat(pad))
+}
+
+fn raw(o: &Options) -> Result<(), BenchError> {
+    let delivered = Arc::new(AtomicU64::new(0));
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &o.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "0")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    let payload = frame(0, 0, o.size);
+    let start = Instant::now();
+    for i in 0..o.messages {
+        let key = format!("bench-{}", i % 50);
+        let mut record = BaseRecord::<str, str>::to(&o.topic)
+            .key(&key)
+            .payload(&payload);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(600))?;
+    delivered.store(o.messages, Relaxed);
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "mode=raw messages={} size={} seconds={secs:.3} msgs_per_sec={:.0}",
+        o.messages,
+        o.size,
+        o.messages as f64 / secs
+    );
+    Ok(())
+}
+
+struct ConnResult {
+    latencies_us: Vec<u32>,
+    acked: Vec<String>,
+    errors: u64,
+}
+
+fn uplink(o: &Options) -> Result<(), BenchError> {
+    let gateway = require(o.gateway, "gateway")?;
+    let per_conn = o.messages.div_ceil(o.connections as u64);
+    let start = Instant::now();
+    let progress = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..o.connections)
+        .map(|c| {
+            let (progress, window, size) = (progress.clone(), o.window, o.size);
+            std::thread::spawn(move || drive(gateway, c, per_conn, window, size, &progress))
+        })
+        .collect();
+    let reporter = {
+        let progress = progress.clone();
+        let total = per_conn * o.connections as u64;
+        std::thread::spawn(move || {
+            while progress.load(Relaxed) < total {
+                std::thread::sleep(Duration::from_secs(1));
+                eprintln!("uplink: {} / {total} acked", progress.load(Relaxed));
+                if start.elapsed() > Duration::from_secs(600) {
+                    break;
+                }
+            }
+        })
+    };
+    let mut latencies = Vec::new();
+    let mut acked = Vec::new();
+    let mut errors = 0;
+    for t in threads {
+        let r = t
+            .join()
+            .map_err(|_| BenchError::Failed("a client thread panicked".into()))??;
+        latencies.extend(r.latencies_us);
+        acked.extend(r.acked);
+        errors += r.errors;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let _ = reporter.join();
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    let verified = if o.verify {
+        let found = count_in_topic(&o.brokers, &o.topic, o.partitions, &acked)?;
+        format!(" verified={found} missing={}", acked.len() - found)
+    } else {
+        String::new()
+    };
+    println!(
+        "mode=uplink connections={} window={} size={} acked={} errors={errors} seconds={secs:.3} msgs_per_sec={:.0} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2}{verified}",
+        o.connections,
+        o.window,
+        o.size,
+        acked.len(),
+        acked.len() as f64 / secs,
+        pct(0.50) as f64 / 1000.0,
+        pct(0.99) as f64 / 1000.0,
+        pct(0.999) as f64 / 1000.0,
+    );
+    Ok(())
+}
+
+/// One connection: keeps `window` frames in flight until `count` are answered.
+fn drive(
+    gateway: SocketAddr,
+    conn: usize,
+    count: u64,
+    window: usize,
+    size: usize,
+    progress: &AtomicU64,
+) -> Result<ConnResult, BenchError> {
+    let stream = TcpStream::connect(gateway)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::with_capacity(64 << 10, stream);
+    let mut sent_at = std::collections::VecDeque::with_capacity(window);
+    let mut result = ConnResult {
+        latencies_us: Vec::with_capacity(count as usize),
+        acked: Vec::with_capacity(count as usize),
+        errors: 0,
+    };
+    let mut next = 0u64;
+    let mut out = String::new();
+    let mut line = String::new();
+    while (result.acked.len() as u64 + result.errors) < count {
+        out.clear();
+        while next < count && sent_at.len() < window {
+            out.push_str(&frame(conn, next, size));
+            out.push('\n');
+            sent_at.push_back(Instant::now());
+            next += 1;
+        }
+        if !out.is_empty() {
+            writer.write_all(out.as_bytes())?;
+        }
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(BenchError::Failed(
+                "the gateway closed the connection".into(),
+            ));
+        }
+        let sent = sent_at
+            .pop_front()
+            .ok_or_else(|| BenchError::Failed("unexpected reply".into()))?;
+        result
+            .latencies_us
+            .push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
+        match extract(&line, "\"messageId\":\"") {
+            Some(id) => result.acked.push(id.to_owned()),
+            None => result.errors += 1,
+        }
+        progress.fetch_add(1, Relaxed);
+    }
+    Ok(result)
+}
+
+fn extract<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
+    let start = line.find(marker)? + marker.len();
+    let len = line[start..].find('"')?;
+    Some(&line[start..start + len])
+}
+
+/// How many of `ids` are in `topic`, read from the beginning.
+fn count_in_topic(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    ids: &[String],
+) -> Result<usize, BenchError> {
+    let mut want: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let total = want.len();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "edgegate-bench-verify")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut last_progress = Instant::now();
+    while !want.is_empty() && last_progress.elapsed() < Duration::from_secs(20) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let payload = std::str::from_utf8(m.payload().unwrap_or_default()).unwrap_or("");
+            if let Some(id) = extract(payload, "\"messageId\":\"") {
+                if want.remove(id) {
+                    last_progress = Instant::now();
+                }
+            }
+        }
+    }
+    Ok(total - want.len())
+}
+
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+fn idle(o: &Options) -> Result<(), BenchError> {
+    let gateway = require(o.gateway, "gateway")?;
+    let pid = require(o.pid, "pid")?;
+    let before = rss_kib(pid).ok_or_else(|| BenchError::Failed(format!("no process {pid}")))?;
+    let mut conns = Vec::with_capacity(o.connections);
+    for i in 0..o.connections {
+        let mut s = TcpStream::connect(gateway)?;
+        // One ping each, answered: the gateway has really taken the connection.
+        s.write_all(b"Ping\n")?;
+        conns.push(s);
+        if (i + 1) % 1000 == 0 {
+            eprintln!("idle: {} connections", i + 1);
+        }
+    }
+    for s in &mut conns {
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut buf = [0u8; 5];
+        std::io::Read::read_exact(s, &mut buf)?;
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let after = rss_kib(pid).unwrap_or(before);
+    let per = (after.saturating_sub(before)) as f64 * 1024.0 / o.connections as f64;
+    println!(
+        "mode=idle connections={} rss_before_kib={before} rss_after_kib={after} bytes_per_connection={per:.0}",
+        o.connections
+    );
+    Ok(())
+}
+
+fn drain(o: &Options) -> Result<(), BenchError> {
+    let admin = require(o.admin, "admin")?;
+    let pid = require(o.pid, "pid")?;
+    let start = Instant::now();
+    let first = outbox_records(admin)?;
+    let mut peak_rss = 0;
+    let mut samples = Vec::new();
+    loop {
+        let left = outbox_records(admin)?;
+        let rss = rss_kib(pid).unwrap_or(0);
+        peak_rss = peak_rss.max(rss);
+        samples.push((start.elapsed().as_secs_f64(), left, rss));
+        eprintln!(
+            "drain: t={:.1}s outbox_records={left} rss_kib={rss}",
+            start.elapsed().as_secs_f64()
+        );
+        if left == 0 {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(3600) {
+            return Err(BenchError::Failed(
+                "the outbox did not drain within an hour".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let curve: Vec<String> = samples
+        .iter()
+        .map(|(t, n, r)| format!("{t:.2}:{n}:{r}"))
+        .collect();
+    println!(
+        "mode=drain records={first} seconds={secs:.3} msgs_per_sec={:.0} peak_rss_kib={peak_rss} curve={}",
+        first as f64 / secs.max(0.001),
+        curve.join(",")
+    );
+    Ok(())
+}
+
+fn outbox_records(admin: SocketAddr) -> Result<u64, BenchError> {
+    let mut s = TcpStream::connect(admin)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut s, &mut body)?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("edgegate_outbox_records "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| BenchError::Failed("no edgegate_outbox_records in /metrics".into()))
+}
