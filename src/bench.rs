@@ -283,23 +283,30 @@ fn drive(
         if !out.is_empty() {
             writer.write_all(out.as_bytes())?;
         }
-        line.clear();
-        if reader.read_line(&mut line)? == 0 {
-            return Err(BenchError::Failed(
-                "the gateway closed the connection".into(),
-            ));
+        // Take every reply already buffered before refilling the window, so
+        // the client costs one write per burst, not one per reply.
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                return Err(BenchError::Failed(
+                    "the gateway closed the connection".into(),
+                ));
+            }
+            let sent = sent_at
+                .pop_front()
+                .ok_or_else(|| BenchError::Failed("unexpected reply".into()))?;
+            result
+                .latencies_us
+                .push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
+            match extract(&line, "\"messageId\":\"") {
+                Some(id) => result.acked.push(id.to_owned()),
+                None => result.errors += 1,
+            }
+            progress.fetch_add(1, Relaxed);
+            if !reader.buffer().contains(&b'\n') {
+                break;
+            }
         }
-        let sent = sent_at
-            .pop_front()
-            .ok_or_else(|| BenchError::Failed("unexpected reply".into()))?;
-        result
-            .latencies_us
-            .push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
-        match extract(&line, "\"messageId\":\"") {
-            Some(id) => result.acked.push(id.to_owned()),
-            None => result.errors += 1,
-        }
-        progress.fetch_add(1, Relaxed);
     }
     Ok(result)
 }

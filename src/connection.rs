@@ -12,7 +12,6 @@ use std::ops::Range;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 
-use smol::channel::{self, Receiver};
 use smol::io::AsyncWriteExt;
 use smol::{Async, Timer};
 use uuid::Uuid;
@@ -21,7 +20,7 @@ use crate::frame::{Frame, LineDecoder};
 use crate::listener::Shared;
 use crate::outbox::{AppendBatch, AppendError};
 use crate::protocol::{self, ErrorCode, Inbound, Origin, Timestamp};
-use crate::router::Downlink;
+use crate::router::{Downlink, Mailbox};
 
 /// Bytes read per syscall, into the per-thread buffer.
 const READ_CHUNK: usize = 64 << 10;
@@ -37,10 +36,10 @@ thread_local! {
 
 pub async fn serve(socket: Arc<Async<TcpStream>>, peer: SocketAddr, shared: Arc<Shared>) {
     let client_id = Uuid::new_v4();
-    // Unbounded in type, bounded by the router (`max_pending_downlink`), so
-    // that an idle connection allocates no queue slots.
-    let (tx, rx) = channel::unbounded();
-    shared.router.register(client_id, socket.clone(), tx);
+    let mailbox = Arc::new(Mailbox::default());
+    shared
+        .router
+        .register(client_id, socket.clone(), mailbox.clone());
     let idle = shared.limits.idle_timeout;
     let mut conn = Connection {
         decoder: LineDecoder::new(shared.limits.max_frame_bytes),
@@ -50,7 +49,7 @@ pub async fn serve(socket: Arc<Async<TcpStream>>, peer: SocketAddr, shared: Arc<
         bound: None,
         idle_timer: Timer::after(idle),
     };
-    let end = conn.run(rx).await;
+    let end = conn.run(&mailbox).await;
     match &end {
         Ok(reason) => log::debug!("connection {client_id} from {peer} closed: {reason:?}"),
         Err(e) => log::debug!("connection {client_id} from {peer} ended: {e}"),
@@ -66,7 +65,6 @@ enum Closed {
     ByPeer,
     Idle,
     ShuttingDown,
-    RouterGone,
 }
 
 struct Connection {
@@ -81,7 +79,7 @@ struct Connection {
 
 enum Wake {
     Readable(io::Result<()>),
-    Downlink(Option<Downlink>),
+    Downlink(Downlink),
     Idle,
 }
 
@@ -110,12 +108,12 @@ enum Step {
 }
 
 impl Connection {
-    async fn run(&mut self, rx: Receiver<Downlink>) -> io::Result<Closed> {
+    async fn run(&mut self, mailbox: &Mailbox) -> io::Result<Closed> {
         loop {
             let wake = smol::future::or(
                 smol::future::race(
                     async { Wake::Readable(self.socket.readable().await) },
-                    async { Wake::Downlink(rx.recv().await.ok()) },
+                    async { Wake::Downlink(mailbox.pop().await) },
                 ),
                 async {
                     (&mut self.idle_timer).await;
@@ -130,8 +128,7 @@ impl Connection {
                         return Ok(closed);
                     }
                 }
-                Wake::Downlink(Some(first)) => self.write_downlink(first, &rx).await?,
-                Wake::Downlink(None) => return Ok(Closed::RouterGone),
+                Wake::Downlink(first) => self.write_downlink(first, mailbox).await?,
                 Wake::Idle => {
                     self.shared
                         .metrics
@@ -298,7 +295,7 @@ impl Connection {
         Ok(work.close)
     }
 
-    async fn write_downlink(&mut self, first: Downlink, rx: &Receiver<Downlink>) -> io::Result<()> {
+    async fn write_downlink(&mut self, first: Downlink, mailbox: &Mailbox) -> io::Result<()> {
         let mut out = Vec::new();
         let mut next = Some(first);
         while let Some(msg) = next.take() {
@@ -311,7 +308,7 @@ impl Connection {
                 out.extend_from_slice(&msg.line);
             }
             if out.len() < DOWNLINK_WRITE_BYTES {
-                next = rx.try_recv().ok();
+                next = mailbox.try_pop();
             }
         }
         self.write(&out).await

@@ -138,6 +138,7 @@ fn main() -> ExitCode {
     };
     init_logging();
     if let Command::Bench(options) = &command {
+        raise_open_file_limit();
         return match bench::run(options) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -5,12 +5,13 @@
 //! goes, applies `connect.response` bindings and takeovers, and disconnects
 //! a device whose downlink queue is full instead of letting memory grow.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::future::poll_fn;
 use std::net::Shutdown;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Poll, Waker};
 
-use smol::channel::Sender;
 use smol::Async;
 use uuid::Uuid;
 
@@ -26,8 +27,73 @@ pub struct Downlink {
     pub bind: Option<Arc<str>>,
 }
 
+/// A connection's downlink queue. A plain mutex-guarded deque and one waker,
+/// instead of a channel: it allocates nothing until a message arrives, which
+/// keeps idle connections small. The router bounds its length.
+#[derive(Default)]
+pub struct Mailbox {
+    state: Mutex<MailboxState>,
+}
+
+#[derive(Default)]
+struct MailboxState {
+    queue: VecDeque<Downlink>,
+    waker: Option<Waker>,
+}
+
+impl Mailbox {
+    fn state(&self) -> MutexGuard<'_, MailboxState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn len(&self) -> usize {
+        self.state().queue.len()
+    }
+
+    fn push(&self, msg: Downlink) {
+        let waker = {
+            let mut state = self.state();
+            state.queue.push_back(msg);
+            state.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    pub fn try_pop(&self) -> Option<Downlink> {
+        let mut state = self.state();
+        let msg = state.queue.pop_front();
+        if state.queue.is_empty() && state.queue.capacity() > 16 {
+            state.queue = VecDeque::new(); // give a burst's memory back
+        }
+        msg
+    }
+
+    /// Waits for the next message.
+    pub async fn pop(&self) -> Downlink {
+        poll_fn(|cx| {
+            let mut state = self.state();
+            match state.queue.pop_front() {
+                Some(msg) => Poll::Ready(msg),
+                None => {
+                    if !state
+                        .waker
+                        .as_ref()
+                        .is_some_and(|w| w.will_wake(cx.waker()))
+                    {
+                        state.waker = Some(cx.waker().clone());
+                    }
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+}
+
 struct Conn {
-    tx: Sender<Downlink>,
+    mailbox: Arc<Mailbox>,
     /// Kept to close the socket from outside: a takeover, a full queue, the
     /// end of shutdown. Shutting the socket down also wakes a blocked write.
     socket: Arc<Async<std::net::TcpStream>>,
@@ -75,12 +141,12 @@ impl Router {
         &self,
         client_id: Uuid,
         socket: Arc<Async<std::net::TcpStream>>,
-        tx: Sender<Downlink>,
+        mailbox: Arc<Mailbox>,
     ) {
         self.tables().clients.insert(
             client_id,
             Conn {
-                tx,
+                mailbox,
                 socket,
                 device: None,
             },
@@ -197,35 +263,31 @@ impl Router {
         let Some(conn) = t.clients.get(&client) else {
             return Routed::Undeliverable;
         };
-        if conn.tx.len() >= self.max_pending {
+        let pending = conn.mailbox.len();
+        if pending >= self.max_pending {
             log::warn!(
-                "connection {client} has {} downlink messages unread; disconnecting it",
-                conn.tx.len()
+                "connection {client} has {pending} downlink messages unread; disconnecting it"
             );
             self.metrics.connections_closed_slow.fetch_add(1, Relaxed);
             let _ = conn.socket.get_ref().shutdown(Shutdown::Both);
             return Routed::Undeliverable;
         }
-        match conn.tx.try_send(msg) {
-            Ok(()) => Routed::Delivered,
-            Err(_) => Routed::Undeliverable,
-        }
+        conn.mailbox.push(msg);
+        Routed::Delivered
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use smol::channel::{unbounded, Receiver};
-
-    fn conn(router: &Router) -> (Uuid, Receiver<Downlink>, std::net::TcpStream) {
+    fn conn(router: &Router) -> (Uuid, Arc<Mailbox>, std::net::TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (ours, _) = listener.accept().unwrap();
-        let (tx, rx) = unbounded();
+        let mailbox = Arc::new(Mailbox::default());
         let id = Uuid::new_v4();
-        router.register(id, Arc::new(Async::new(ours).unwrap()), tx);
-        (id, rx, peer)
+        router.register(id, Arc::new(Async::new(ours).unwrap()), mailbox.clone());
+        (id, mailbox, peer)
     }
 
     fn router() -> Router {
@@ -247,13 +309,13 @@ mod tests {
             r.route(&msg(&a, "dev-1", "connect.response", "ok")),
             Routed::Delivered
         );
-        assert_eq!(rx.try_recv().unwrap().bind.as_deref(), Some("dev-1"));
+        assert_eq!(rx.try_pop().unwrap().bind.as_deref(), Some("dev-1"));
         let other = Uuid::new_v4();
         assert_eq!(
             r.route(&msg(&other, "dev-1", "notice", "ok")),
             Routed::Delivered
         );
-        assert!(rx.try_recv().unwrap().bind.is_none());
+        assert!(rx.try_pop().unwrap().bind.is_none());
     }
 
     #[test]
@@ -264,7 +326,7 @@ mod tests {
             r.route(&msg(&a, "dev-1", "connect.response", "error")),
             Routed::Delivered
         );
-        assert!(rx.try_recv().unwrap().bind.is_none());
+        assert!(rx.try_pop().unwrap().bind.is_none());
         assert_eq!(
             r.route(&msg(&Uuid::new_v4(), "dev-1", "x", "ok")),
             Routed::Undeliverable
@@ -310,7 +372,7 @@ mod tests {
         assert_eq!(r.route(&for_other), Routed::OtherServer);
         assert_eq!(r.route(b"{not json"), Routed::Malformed);
         assert_eq!(r.route(br#"{"clientId":"x"}"#), Routed::Malformed);
-        assert!(rx.is_empty());
+        assert_eq!(rx.len(), 0);
     }
 
     #[test]

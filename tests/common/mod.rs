@@ -150,7 +150,13 @@ impl Broker {
         let port = free_port();
         let proxy = Proxy::start(port);
         let log = std::fs::File::create(dir.path().join("tansu.log")).unwrap();
-        let child = Command::new(tansu_bin())
+        // tansu runs under a small shell that kills it when our end of its
+        // stdin closes, so a broker outlives no test process (a shared
+        // broker in a static is never dropped).
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg("\"$0\" \"$@\" </dev/null & child=$!; read _; kill $child; wait $child")
+            .arg(tansu_bin())
             .arg("broker")
             .arg("--listener-url")
             .arg(format!("tcp://127.0.0.1:{port}"))
@@ -160,6 +166,7 @@ impl Broker {
             .arg("memory://tansu/")
             .current_dir(dir.path())
             .env("RUST_LOG", "warn")
+            .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -204,7 +211,7 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        drop(self.child.stdin.take()); // the shell kills tansu
         let _ = self.child.wait();
     }
 }
