@@ -2,9 +2,16 @@
 //!
 //! # On-disk format
 //!
-//! One sled database in `<data_dir>/outbox`, default tree only. One record per
-//! group-commit batch (not per request), because sled's cost is per insert
-//! and per remove, and one fsync serves the whole batch:
+//! `<data_dir>/outbox/<first seq, 20 digits>/`: one or more sled databases
+//! ("generations"), oldest first; appends go to the newest. sled keeps the
+//! disk space of removed records, so once the newest generation occupies a
+//! quarter of `max_bytes` a new one is started, and a generation that is no
+//! longer appended to is deleted as soon as it is drained: that is what
+//! gives disk space back.
+//!
+//! In each generation, default tree only, one record per group-commit batch
+//! (not per request), because sled's cost is per insert and per remove, and
+//! one fsync serves the whole batch:
 //!
 //! ```text
 //! key   = seq: u64 big-endian (so sled's order is append order)
@@ -19,20 +26,23 @@
 //!
 //! - A batch is inserted and flushed before any request in it is acked, and
 //!   the producer only reads batches below `committed` (flushed ones).
-//! - Seqs only grow; a new process continues after the highest stored key,
-//!   so replay order is append order across restarts.
+//! - Seqs only grow, across generations too (a generation's name is the
+//!   first seq it may hold); a new process continues after the highest
+//!   stored key, so replay order is append order across restarts.
 //! - A batch is removed only after Kafka confirmed every request in it;
 //!   removals need no flush of their own (a lost removal means a duplicate,
 //!   never a loss).
 //! - A batch whose checksum or layout is wrong is logged, counted and removed
 //!   without stopping the replay of the others.
 //! - `live_bytes` (the sum of live batch sizes) plus what is being appended
-//!   never exceeds `max_bytes`, and neither does the store's size on disk:
+//!   never exceeds `max_bytes`, and neither does the size on disk of all
+//!   generations (measured every 500 ms, plus what was appended since):
 //!   past either, appends fail with [`AppendError::Full`].
+//! - A generation that sled cannot open is moved aside, never deleted.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use smol::channel::{self, Receiver, Sender, TrySendError};
@@ -232,13 +242,27 @@ fn split_entry(bytes: &[u8]) -> Option<(Entry<'_>, &[u8])> {
     ))
 }
 
+/// One sled database of the outbox, named by the first seq it may hold.
+struct Generation {
+    first_seq: u64,
+    dir: PathBuf,
+    db: sled::Db,
+}
+
 /// The store shared by the writer (appends) and the producer (reads and
 /// removes).
 pub struct Store {
-    db: sled::Db,
+    root: PathBuf,
+    /// Oldest first; the last one takes new batches.
+    generations: RwLock<Vec<Arc<Generation>>>,
     metrics: Arc<Metrics>,
     max_bytes: u64,
+    /// Start a new generation once the active one occupies this much disk.
+    rotate_at: u64,
     live_bytes: AtomicU64,
+    /// Size on disk at the last measurement, and bytes appended since.
+    disk_measured: AtomicU64,
+    disk_since: AtomicU64,
     /// Batches below this seq are flushed and may be sent.
     committed: AtomicU64,
     /// Rung after each flush that made new batches readable.
@@ -246,77 +270,86 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir`. A store that sled cannot open
-    /// is moved aside to `<dir>.broken-<unix time>` and replaced by an empty
-    /// one, loudly: refusing to start would stop every device, and the moved
-    /// files stay for an operator to inspect.
+    /// Opens (or creates) the outbox under `root`. A generation that sled
+    /// cannot open is moved aside to `<dir>.broken-<unix time>` and left out,
+    /// loudly: refusing to start would stop every device, and the moved files
+    /// stay for an operator to inspect.
     pub fn open(
-        dir: &Path,
+        root: &Path,
         max_bytes: u64,
         metrics: Arc<Metrics>,
     ) -> Result<(Arc<Store>, Receiver<()>), OutboxError> {
-        if let Some(parent) = dir.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| OutboxError::CreateDir {
-                path: parent.to_owned(),
-                source,
-            })?;
+        std::fs::create_dir_all(root).map_err(|source| OutboxError::CreateDir {
+            path: root.to_owned(),
+            source,
+        })?;
+        let mut firsts = Vec::new();
+        let entries = std::fs::read_dir(root).map_err(|source| OutboxError::CreateDir {
+            path: root.to_owned(),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if let Some(first) = name.to_str().and_then(|n| n.parse::<u64>().ok()) {
+                firsts.push(first);
+            }
         }
-        let db = match open_db(dir) {
-            Ok(db) => db,
-            Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                // Another process holds the lock: never move its store aside.
-                return Err(OutboxError::Open {
-                    path: dir.to_owned(),
-                    source: sled::Error::Io(e),
-                });
+        firsts.sort_unstable();
+        let mut generations = Vec::new();
+        for first in firsts {
+            if let Some(generation) = open_generation(root, first, &metrics)? {
+                generations.push(Arc::new(generation));
             }
-            Err(e) => {
-                let stamp = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_secs();
-                let aside = PathBuf::from(format!("{}.broken-{stamp}", dir.display()));
-                log::error!(
-                    "outbox store {} cannot be opened ({e}); moving it to {} and starting with an empty outbox",
-                    dir.display(),
-                    aside.display()
-                );
-                std::fs::rename(dir, &aside).map_err(|source| OutboxError::CreateDir {
-                    path: aside.clone(),
-                    source,
-                })?;
-                metrics.outbox_store_recoveries.fetch_add(1, Relaxed);
-                open_db(dir).map_err(|source| OutboxError::Open {
-                    path: dir.to_owned(),
-                    source,
-                })?
-            }
-        };
+        }
         let (doorbell, rung) = channel::bounded(1);
         let store = Store {
-            db,
+            root: root.to_owned(),
+            generations: RwLock::new(generations),
             metrics,
             max_bytes,
+            rotate_at: (max_bytes / 4).max(1),
             live_bytes: AtomicU64::new(0),
+            disk_measured: AtomicU64::new(0),
+            disk_since: AtomicU64::new(0),
             committed: AtomicU64::new(0),
             doorbell,
         };
         store.scan()?;
+        if store.generations().is_empty() {
+            store.add_generation()?;
+        }
+        store.retire_drained();
         Ok((Arc::new(store), rung))
+    }
+
+    fn generations(&self) -> Vec<Arc<Generation>> {
+        self.generations
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn active(&self) -> Arc<Generation> {
+        self.generations()
+            .last()
+            .cloned()
+            .expect("the outbox always has a generation")
     }
 
     /// Counts what a previous run left behind; the backlog is streamed, one
     /// batch at a time.
     fn scan(&self) -> Result<(), OutboxError> {
         let (mut batches, mut records, mut bytes, mut next) = (0i64, 0i64, 0u64, 0u64);
-        for item in self.db.iter() {
-            let (key, value) = item?;
-            let seq = seq_of(&key);
-            next = next.max(seq.saturating_add(1));
-            batches += 1;
-            bytes += value.len() as u64;
-            if let Ok(batch) = Batch::parse(&value) {
-                records += i64::from(batch.count);
+        for generation in self.generations() {
+            next = next.max(generation.first_seq);
+            for item in generation.db.iter() {
+                let (key, value) = item?;
+                next = next.max(seq_of(&key).saturating_add(1));
+                batches += 1;
+                bytes += value.len() as u64;
+                if let Ok(batch) = Batch::parse(&value) {
+                    records += i64::from(batch.count);
+                }
             }
         }
         self.committed.store(next, SeqCst);
@@ -324,11 +357,59 @@ impl Store {
         self.metrics.outbox_batches.store(batches, Relaxed);
         self.metrics.outbox_records.store(records, Relaxed);
         self.metrics.outbox_bytes.store(bytes as i64, Relaxed);
-        self.refresh_disk_bytes();
+        self.measure_disk();
         if batches > 0 {
-            log::info!("outbox holds {records} requests in {batches} batches ({bytes} bytes) from before; replaying them first");
+            log::info!(
+                "outbox holds {records} requests in {batches} batches ({bytes} bytes) from before; replaying them first"
+            );
         }
         Ok(())
+    }
+
+    /// Starts a new generation for appends, beginning at the next seq.
+    fn add_generation(&self) -> Result<(), OutboxError> {
+        let first = self.committed.load(SeqCst);
+        let dir = self.root.join(format!("{first:020}"));
+        let db = open_db(&dir).map_err(|source| OutboxError::Open {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut generations = self.generations.write().unwrap_or_else(|p| p.into_inner());
+        if generations.last().is_some_and(|g| g.first_seq >= first) {
+            return Ok(()); // nothing was written to the active one yet
+        }
+        generations.push(Arc::new(Generation {
+            first_seq: first,
+            dir,
+            db,
+        }));
+        Ok(())
+    }
+
+    /// Deletes generations that are no longer written to and hold nothing:
+    /// sled keeps the space of removed records, a deleted directory does not.
+    fn retire_drained(&self) {
+        let retired: Vec<Arc<Generation>> = {
+            let mut generations = self.generations.write().unwrap_or_else(|p| p.into_inner());
+            let last = generations.len().saturating_sub(1);
+            let (keep, gone): (Vec<_>, Vec<_>) = generations
+                .drain(..)
+                .enumerate()
+                .partition(|(i, g)| *i == last || !g.db.is_empty());
+            *generations = keep.into_iter().map(|(_, g)| g).collect();
+            gone.into_iter().map(|(_, g)| g).collect()
+        };
+        for generation in retired {
+            let dir = generation.dir.clone();
+            drop(generation);
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => log::debug!("outbox generation {} drained and deleted", dir.display()),
+                Err(e) => log::warn!(
+                    "cannot delete drained outbox generation {}: {e}",
+                    dir.display()
+                ),
+            }
+        }
     }
 
     /// The first flushed batch at or after `seq`.
@@ -337,35 +418,48 @@ impl Store {
         if seq >= end {
             return Ok(None);
         }
-        match self.db.range(seq.to_be_bytes()..end.to_be_bytes()).next() {
-            Some(item) => {
+        for generation in self.generations() {
+            if let Some(item) = generation
+                .db
+                .range(seq.to_be_bytes()..end.to_be_bytes())
+                .next()
+            {
                 let (key, value) = item?;
-                Ok(Some((seq_of(&key), value)))
+                return Ok(Some((seq_of(&key), value)));
             }
-            None => Ok(None),
         }
+        Ok(None)
     }
 
     /// Removes a batch whose requests Kafka confirmed (or a corrupt one).
     pub fn remove(&self, seq: u64, bytes: u64, records: u32) -> Result<(), OutboxError> {
-        self.db.remove(seq.to_be_bytes())?;
+        let generations = self.generations();
+        let Some(generation) = generations.iter().rev().find(|g| g.first_seq <= seq) else {
+            return Ok(());
+        };
+        generation.db.remove(seq.to_be_bytes())?;
         self.live_bytes.fetch_sub(bytes, SeqCst);
         self.metrics.outbox_batches.fetch_sub(1, Relaxed);
         self.metrics
             .outbox_records
             .fetch_sub(i64::from(records), Relaxed);
         self.metrics.outbox_bytes.fetch_sub(bytes as i64, Relaxed);
+        if generations.len() > 1 && generation.db.is_empty() {
+            self.retire_drained();
+        }
         Ok(())
     }
 
     /// Blocking: persists removals (and anything else pending).
     pub fn flush(&self) -> Result<(), OutboxError> {
-        self.db.flush()?;
+        for generation in self.generations() {
+            generation.db.flush()?;
+        }
         Ok(())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.db.is_empty()
+        self.generations().iter().all(|g| g.db.is_empty())
     }
 
     /// Wakes the producer (used to make it notice a stop request).
@@ -373,16 +467,83 @@ impl Store {
         let _ = self.doorbell.try_send(());
     }
 
-    fn refresh_disk_bytes(&self) {
-        if let Ok(size) = self.db.size_on_disk() {
-            self.metrics.outbox_disk_bytes.store(size, Relaxed);
+    /// Measures the size on disk of every generation.
+    fn measure_disk(&self) -> u64 {
+        let mut total = 0;
+        for generation in self.generations() {
+            total += generation.db.size_on_disk().unwrap_or(0);
         }
+        self.disk_measured.store(total, SeqCst);
+        self.disk_since.store(0, SeqCst);
+        self.metrics.outbox_disk_bytes.store(total, Relaxed);
+        total
+    }
+
+    /// Disk use as last measured plus what was appended since (sled writes
+    /// at least that much), so the cap holds between measurements.
+    fn disk_estimate(&self) -> u64 {
+        self.disk_measured.load(SeqCst) + self.disk_since.load(SeqCst)
     }
 
     fn would_exceed(&self, pending: u64, incoming: u64) -> bool {
         let live = self.live_bytes.load(SeqCst);
         live + pending + incoming > self.max_bytes
-            || self.metrics.outbox_disk_bytes.load(Relaxed) >= self.max_bytes
+            || self.disk_estimate() + pending + incoming > self.max_bytes
+    }
+
+    /// After a measurement: a large active generation is closed to appends
+    /// so that it can be deleted once drained.
+    fn maybe_rotate(&self) {
+        let active = self.active();
+        let size = active.db.size_on_disk().unwrap_or(0);
+        if size < self.rotate_at || active.db.is_empty() && size < self.max_bytes / 2 {
+            return;
+        }
+        if let Err(e) = self.add_generation() {
+            log::error!("cannot start a new outbox generation: {e}");
+            return;
+        }
+        self.retire_drained();
+    }
+}
+
+fn open_generation(
+    root: &Path,
+    first: u64,
+    metrics: &Metrics,
+) -> Result<Option<Generation>, OutboxError> {
+    let dir = root.join(format!("{first:020}"));
+    match open_db(&dir) {
+        Ok(db) => Ok(Some(Generation {
+            first_seq: first,
+            dir,
+            db,
+        })),
+        Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            // Another process holds the lock: never move its store aside.
+            Err(OutboxError::Open {
+                path: dir,
+                source: sled::Error::Io(e),
+            })
+        }
+        Err(e) => {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            let aside = PathBuf::from(format!("{}.broken-{stamp}", dir.display()));
+            log::error!(
+                "outbox store {} cannot be opened ({e}); moving it to {} and going on without it",
+                dir.display(),
+                aside.display()
+            );
+            std::fs::rename(&dir, &aside).map_err(|source| OutboxError::CreateDir {
+                path: aside.clone(),
+                source,
+            })?;
+            metrics.outbox_store_recoveries.fetch_add(1, Relaxed);
+            Ok(None)
+        }
     }
 }
 
@@ -469,7 +630,8 @@ async fn run_writer(store: Arc<Store>, jobs: Receiver<Job>, flush_interval: Dura
         }
 
         if last_disk_check.elapsed() >= DISK_CHECK_EVERY {
-            store.refresh_disk_bytes();
+            store.measure_disk();
+            store.maybe_rotate();
             last_disk_check = Instant::now();
         }
         // Refuse jobs past the cap; keep the rest in arrival order.
@@ -497,7 +659,8 @@ async fn run_writer(store: Arc<Store>, jobs: Receiver<Job>, flush_interval: Dura
         let seq = next_seq;
         next_seq += 1;
 
-        let db = store.db.clone();
+        let generation = store.active();
+        let db = generation.db.clone();
         let result = smol::unblock(move || {
             db.insert(seq.to_be_bytes(), value)?;
             db.flush()?;
@@ -508,6 +671,7 @@ async fn run_writer(store: Arc<Store>, jobs: Receiver<Job>, flush_interval: Dura
         let reply = match result {
             Ok(()) => {
                 store.live_bytes.fetch_add(len, SeqCst);
+                store.disk_since.fetch_add(len, SeqCst);
                 store.metrics.outbox_batches.fetch_add(1, Relaxed);
                 store
                     .metrics
@@ -524,7 +688,7 @@ async fn run_writer(store: Arc<Store>, jobs: Receiver<Job>, flush_interval: Dura
                 store.metrics.outbox_write_errors.fetch_add(1, Relaxed);
                 log::error!("outbox write failed, {count} requests refused: {e}");
                 // The device keeps its copy; do not send one it was not acked.
-                let _ = store.db.remove(seq.to_be_bytes());
+                let _ = generation.db.remove(seq.to_be_bytes());
                 store.committed.store(next_seq, SeqCst);
                 Err(match e {
                     sled::Error::Io(io) if io.raw_os_error() == Some(28) => AppendError::Full,
@@ -636,6 +800,55 @@ mod tests {
         drop(appender);
         smol::block_on(task);
         assert_eq!(drain(&store), vec![3, 4, 5]);
+    }
+
+    #[test]
+    fn drained_generations_are_deleted_so_a_full_outbox_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _, metrics) = open(dir.path(), 2 << 20);
+        let (appender, writer) = start_writer(store.clone(), Duration::ZERO);
+        let task = smol::spawn(writer);
+        let big = |id: u128| {
+            let mut b = AppendBatch::new();
+            b.push(b"k", &Uuid::from_u128(id), |out| {
+                out.extend(std::iter::repeat_n(b'x', 100 << 10))
+            });
+            b
+        };
+        let mut id = 0;
+        smol::block_on(async {
+            for _round in 0..3 {
+                // Fill to the cap, pausing so the writer measures the disk.
+                loop {
+                    id += 1;
+                    match appender.append(big(id)).await {
+                        Ok(()) => {}
+                        Err(AppendError::Full) => break,
+                        Err(e) => panic!("{e}"),
+                    }
+                    if id % 4 == 0 {
+                        smol::Timer::after(Duration::from_millis(120)).await;
+                    }
+                    assert!(id < 1000, "the cap never applied");
+                }
+                // Deliver everything, as the producer would.
+                let mut seq = 0;
+                while let Some((s, v)) = store.next_batch(seq).unwrap() {
+                    store.remove(s, v.len() as u64, 1).unwrap();
+                    seq = s + 1;
+                }
+                smol::Timer::after(DISK_CHECK_EVERY + Duration::from_millis(100)).await;
+                id += 1;
+                appender.append(big(id)).await.expect("space came back");
+            }
+        });
+        let dirs = std::fs::read_dir(dir.path().join("outbox"))
+            .unwrap()
+            .count();
+        assert!(dirs <= 3, "{dirs} generations left behind");
+        assert!(metrics.outbox_disk_bytes.load(Relaxed) <= 2 << 20);
+        drop(appender);
+        smol::block_on(task);
     }
 
     #[test]
