@@ -91,10 +91,10 @@ pub fn run(config: Config) -> Result<(), AppError> {
         stop_signal,
         ex.clone(),
     )));
+    // The executor threads end with their run futures; they are not joined,
+    // so a task stuck in a blocking call cannot hold the exit.
     drop(stop_workers);
-    for w in workers {
-        let _ = w.join();
-    }
+    drop(workers);
     result
 }
 
@@ -176,21 +176,41 @@ async fn serve(
     router.close_all();
     producer_stop.store(true, SeqCst);
     store.wake();
-    producer.await;
-    consumer.stop();
+    // Every remaining step is bounded: a stuck broker or disk must not turn
+    // a stop into a hang (systemd would SIGKILL us anyway; nothing acked is
+    // lost either way, the outbox was flushed before each ack).
+    if within(STEP_LIMIT, producer).await.is_none() {
+        log::warn!("the Kafka producer did not stop in time");
+    }
+    if within(STEP_LIMIT, smol::unblock(move || consumer.stop()))
+        .await
+        .is_none()
+    {
+        log::warn!("the Kafka consumer did not stop in time");
+    }
     drop(shared);
     // Connections still finishing hold the appender; the writer stops once
-    // they are gone, but do not wait on a stuck one.
-    smol::future::or(writer, async {
-        Timer::after(Duration::from_secs(2)).await;
-    })
-    .await;
+    // they are gone.
+    let _ = within(STEP_LIMIT, writer).await;
     let final_flush = store.clone();
-    if let Err(e) = smol::unblock(move || final_flush.flush()).await {
-        log::error!("final outbox flush failed: {e}");
+    match within(STEP_LIMIT, smol::unblock(move || final_flush.flush())).await {
+        Some(Ok(())) => {}
+        Some(Err(e)) => log::error!("final outbox flush failed: {e}"),
+        None => log::error!("final outbox flush did not finish in time"),
     }
     log::info!("stopped");
     Ok(())
+}
+
+/// How long each step of the shutdown may take once the drain is over.
+const STEP_LIMIT: Duration = Duration::from_secs(5);
+
+async fn within<T>(limit: Duration, fut: impl std::future::Future<Output = T>) -> Option<T> {
+    smol::future::or(async { Some(fut.await) }, async {
+        Timer::after(limit).await;
+        None
+    })
+    .await
 }
 
 /// The configured id, else the one kept in `data_dir/server_id`, else a new

@@ -412,7 +412,7 @@ fn drain(o: &Options) -> Result<(), BenchError> {
                 "the outbox did not drain within an hour".into(),
             ));
         }
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(50));
     }
     let secs = start.elapsed().as_secs_f64();
     let curve: Vec<String> = samples

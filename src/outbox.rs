@@ -2,16 +2,19 @@
 //!
 //! # On-disk format
 //!
-//! `<data_dir>/outbox/<first seq, 20 digits>/`: one or more sled databases
-//! ("generations"), oldest first; appends go to the newest. sled keeps the
-//! disk space of removed records, so once the newest generation occupies a
-//! quarter of `max_bytes` a new one is started, and a generation that is no
-//! longer appended to is deleted as soon as it is drained: that is what
-//! gives disk space back.
+//! `<data_dir>/outbox/<first seq, 20 digits>/`: a series of small sled
+//! databases ("generations"), oldest first; appends go to the newest, which
+//! is closed to appends once about 16 MiB (or a quarter of `max_bytes`) was
+//! written to it. Two properties of sled 0.34 shape this: it keeps the disk
+//! space of removed records, and it keeps every page it has read or written
+//! in memory while the database is open. So a generation is deleted as soon
+//! as it is drained (that gives disk back), and only the newest and the one
+//! being drained are open (that keeps memory flat whatever the backlog).
 //!
-//! In each generation, default tree only, one record per group-commit batch
-//! (not per request), because sled's cost is per insert and per remove, and
-//! one fsync serves the whole batch:
+//! Each group commit is stored as records of about 32 KiB, each under its own
+//! seq, all inserted before one flush: sled's cost is per insert and per
+//! remove, so a record per request would cap throughput, and values above
+//! about 128 KiB would go to sled's blob files, which cost more disk.
 //!
 //! ```text
 //! key   = seq: u64 big-endian (so sled's order is append order)
@@ -20,15 +23,17 @@
 //!         | message_id: 16 bytes | payload (the ServerRequest JSON)
 //! ```
 //!
-//! The crc32 covers `count` and every entry.
+//! The crc32 covers `count` and every entry. Below, "batch" means one record.
 //!
 //! # Invariants
 //!
 //! - A batch is inserted and flushed before any request in it is acked, and
 //!   the producer only reads batches below `committed` (flushed ones).
-//! - Seqs only grow, across generations too (a generation's name is the
-//!   first seq it may hold); a new process continues after the highest
-//!   stored key, so replay order is append order across restarts.
+//! - Seqs only grow, across generations too. A generation is named by the
+//!   first seq it holds, and every seq in it is below the next generation's
+//!   name (a new generation starts only after `committed` covers all that
+//!   was written); a new process continues after the highest stored key, so
+//!   replay order is append order across restarts.
 //! - A batch is removed only after Kafka confirmed every request in it;
 //!   removals need no flush of their own (a lost removal means a duplicate,
 //!   never a loss).
@@ -42,7 +47,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use smol::channel::{self, Receiver, Sender, TrySendError};
@@ -54,10 +59,18 @@ const MAGIC: u8 = 0xEB;
 const VERSION: u8 = 1;
 /// magic, version, crc32, count.
 pub const HEADER_LEN: usize = 10;
-/// Stop gathering requests into one batch past this many bytes.
+/// Stop gathering requests into one group commit past this many bytes.
 const MAX_BATCH_BYTES: usize = 4 << 20;
+/// A group commit is stored as records of about this size. sled moves
+/// larger values to separate blob files and keeps far more memory and disk
+/// for them; records this small stay inline, and one flush still serves the
+/// whole group.
+const RECORD_BYTES: usize = 32 << 10;
 /// Pending append jobs; beyond it connections wait (backpressure).
 const JOB_QUEUE: usize = 4096;
+/// A generation is closed to appends at this size on disk (or a quarter of
+/// the cap, if smaller): bounds the memory sled holds per open generation.
+const GENERATION_BYTES: u64 = 16 << 20;
 /// How often the size on disk is measured for the byte cap.
 const DISK_CHECK_EVERY: Duration = Duration::from_millis(500);
 
@@ -151,9 +164,20 @@ impl AppendBatch {
         self.buf
     }
 
-    fn absorb(&mut self, other: AppendBatch) {
-        self.buf.extend_from_slice(&other.buf[HEADER_LEN..]);
-        self.count += other.count;
+    /// Each entry's bytes, length prefix included.
+    fn raw_entries(&self) -> impl Iterator<Item = &[u8]> {
+        let mut rest = &self.buf[HEADER_LEN..];
+        std::iter::from_fn(move || {
+            let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+            let (entry, tail) = rest.split_at((4 + len).min(rest.len()));
+            rest = tail;
+            Some(entry)
+        })
+    }
+
+    fn push_raw(&mut self, entry: &[u8]) {
+        self.buf.extend_from_slice(entry);
+        self.count += 1;
     }
 }
 
@@ -243,10 +267,68 @@ fn split_entry(bytes: &[u8]) -> Option<(Entry<'_>, &[u8])> {
 }
 
 /// One sled database of the outbox, named by the first seq it may hold.
+///
+/// sled 0.34 keeps every page it has read or written in memory for as long
+/// as the database is open, whatever its cache setting; so a generation is
+/// only open while it is written (the newest) or read (the one the producer
+/// is draining), and is small. That is what keeps memory flat however large
+/// the backlog.
 struct Generation {
     first_seq: u64,
     dir: PathBuf,
-    db: sled::Db,
+    db: Mutex<Option<sled::Db>>,
+    /// Batches stored in it and not yet removed.
+    batches: AtomicU64,
+    /// Bytes appended to it by this process (it rotates on this, so no
+    /// directory walk is needed per flush).
+    appended: AtomicU64,
+}
+
+impl Generation {
+    fn new(first_seq: u64, dir: PathBuf, db: Option<sled::Db>) -> Self {
+        Generation {
+            first_seq,
+            dir,
+            db: Mutex::new(db),
+            batches: AtomicU64::new(0),
+            appended: AtomicU64::new(0),
+        }
+    }
+
+    /// The open database, opening it if needed.
+    fn db(&self) -> Result<sled::Db, OutboxError> {
+        let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(open) = &*db {
+            return Ok(open.clone());
+        }
+        let open = open_db(&self.dir).map_err(|source| OutboxError::Open {
+            path: self.dir.clone(),
+            source,
+        })?;
+        *db = Some(open.clone());
+        Ok(open)
+    }
+
+    fn open_db(&self) -> Option<sled::Db> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Flushes and closes it, releasing its pages.
+    fn close(&self) {
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(db) = db {
+            if let Err(e) = db.flush() {
+                log::warn!(
+                    "flushing outbox generation {} failed: {e}",
+                    self.dir.display()
+                );
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.batches.load(SeqCst) == 0
+    }
 }
 
 /// The store shared by the writer (appends) and the producer (reads and
@@ -259,6 +341,8 @@ pub struct Store {
     max_bytes: u64,
     /// Start a new generation once the active one occupies this much disk.
     rotate_at: u64,
+    /// `first_seq` of the generation the producer reads from.
+    reading: AtomicU64,
     live_bytes: AtomicU64,
     /// Size on disk at the last measurement, and bytes appended since.
     disk_measured: AtomicU64,
@@ -295,30 +379,24 @@ impl Store {
             }
         }
         firsts.sort_unstable();
-        let mut generations = Vec::new();
-        for first in firsts {
-            if let Some(generation) = open_generation(root, first, &metrics)? {
-                generations.push(Arc::new(generation));
-            }
-        }
         let (doorbell, rung) = channel::bounded(1);
         let store = Store {
             root: root.to_owned(),
-            generations: RwLock::new(generations),
+            generations: RwLock::new(Vec::new()),
             metrics,
             max_bytes,
-            rotate_at: (max_bytes / 4).max(1),
+            rotate_at: (max_bytes / 4).clamp(1, GENERATION_BYTES),
+            reading: AtomicU64::new(0),
             live_bytes: AtomicU64::new(0),
             disk_measured: AtomicU64::new(0),
             disk_since: AtomicU64::new(0),
             committed: AtomicU64::new(0),
             doorbell,
         };
-        store.scan()?;
-        if store.generations().is_empty() {
-            store.add_generation()?;
-        }
+        store.scan(&firsts)?;
+        store.add_generation()?;
         store.retire_drained();
+        store.measure_disk();
         Ok((Arc::new(store), rung))
     }
 
@@ -336,28 +414,41 @@ impl Store {
             .expect("the outbox always has a generation")
     }
 
-    /// Counts what a previous run left behind; the backlog is streamed, one
-    /// batch at a time.
-    fn scan(&self) -> Result<(), OutboxError> {
+    /// Counts what a previous run left behind, one generation at a time
+    /// (each is closed again after), so the backlog is never all in memory.
+    fn scan(&self, firsts: &[u64]) -> Result<(), OutboxError> {
         let (mut batches, mut records, mut bytes, mut next) = (0i64, 0i64, 0u64, 0u64);
-        for generation in self.generations() {
-            next = next.max(generation.first_seq);
-            for item in generation.db.iter() {
+        let mut generations = Vec::new();
+        for &first in firsts {
+            let Some(db) = open_generation(&self.root, first, &self.metrics)? else {
+                continue;
+            };
+            let generation = Generation::new(
+                first,
+                self.root.join(format!("{first:020}")),
+                Some(db.clone()),
+            );
+            next = next.max(first);
+            for item in db.iter() {
                 let (key, value) = item?;
                 next = next.max(seq_of(&key).saturating_add(1));
+                generation.batches.fetch_add(1, SeqCst);
                 batches += 1;
                 bytes += value.len() as u64;
                 if let Ok(batch) = Batch::parse(&value) {
                     records += i64::from(batch.count);
                 }
             }
+            drop(db);
+            generation.close();
+            generations.push(Arc::new(generation));
         }
+        *self.generations.write().unwrap_or_else(|p| p.into_inner()) = generations;
         self.committed.store(next, SeqCst);
         self.live_bytes.store(bytes, SeqCst);
         self.metrics.outbox_batches.store(batches, Relaxed);
         self.metrics.outbox_records.store(records, Relaxed);
         self.metrics.outbox_bytes.store(bytes as i64, Relaxed);
-        self.measure_disk();
         if batches > 0 {
             log::info!(
                 "outbox holds {records} requests in {batches} batches ({bytes} bytes) from before; replaying them first"
@@ -366,7 +457,8 @@ impl Store {
         Ok(())
     }
 
-    /// Starts a new generation for appends, beginning at the next seq.
+    /// Starts a new generation for appends, beginning at the next seq, and
+    /// closes the previous one unless the producer is reading it.
     fn add_generation(&self) -> Result<(), OutboxError> {
         let first = self.committed.load(SeqCst);
         let dir = self.root.join(format!("{first:020}"));
@@ -374,15 +466,20 @@ impl Store {
             path: dir.clone(),
             source,
         })?;
-        let mut generations = self.generations.write().unwrap_or_else(|p| p.into_inner());
-        if generations.last().is_some_and(|g| g.first_seq >= first) {
-            return Ok(()); // nothing was written to the active one yet
+        let previous = {
+            let mut generations = self.generations.write().unwrap_or_else(|p| p.into_inner());
+            if generations.last().is_some_and(|g| g.first_seq >= first) {
+                return Ok(()); // nothing was written to the active one yet
+            }
+            let previous = generations.last().cloned();
+            generations.push(Arc::new(Generation::new(first, dir, Some(db))));
+            previous
+        };
+        if let Some(previous) = previous {
+            if previous.first_seq != self.reading.load(SeqCst) {
+                previous.close();
+            }
         }
-        generations.push(Arc::new(Generation {
-            first_seq: first,
-            dir,
-            db,
-        }));
         Ok(())
     }
 
@@ -395,20 +492,30 @@ impl Store {
             let (keep, gone): (Vec<_>, Vec<_>) = generations
                 .drain(..)
                 .enumerate()
-                .partition(|(i, g)| *i == last || !g.db.is_empty());
+                .partition(|(i, g)| *i == last || !g.is_empty());
             *generations = keep.into_iter().map(|(_, g)| g).collect();
             gone.into_iter().map(|(_, g)| g).collect()
         };
+        let any = !retired.is_empty();
         for generation in retired {
-            let dir = generation.dir.clone();
-            drop(generation);
-            match std::fs::remove_dir_all(&dir) {
-                Ok(()) => log::debug!("outbox generation {} drained and deleted", dir.display()),
+            generation
+                .db
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            match std::fs::remove_dir_all(&generation.dir) {
+                Ok(()) => log::debug!(
+                    "outbox generation {} drained and deleted",
+                    generation.dir.display()
+                ),
                 Err(e) => log::warn!(
                     "cannot delete drained outbox generation {}: {e}",
-                    dir.display()
+                    generation.dir.display()
                 ),
             }
+        }
+        if any {
+            self.measure_disk();
         }
     }
 
@@ -418,12 +525,19 @@ impl Store {
         if seq >= end {
             return Ok(None);
         }
-        for generation in self.generations() {
-            if let Some(item) = generation
-                .db
-                .range(seq.to_be_bytes()..end.to_be_bytes())
-                .next()
-            {
+        let generations = self.generations();
+        let from = generations
+            .iter()
+            .rposition(|g| g.first_seq <= seq)
+            .unwrap_or(0);
+        for generation in &generations[from..] {
+            if generation.is_empty() {
+                continue;
+            }
+            self.reading.store(generation.first_seq, SeqCst);
+            let start = seq.max(generation.first_seq);
+            let db = generation.db()?;
+            if let Some(item) = db.range(start.to_be_bytes()..end.to_be_bytes()).next() {
                 let (key, value) = item?;
                 return Ok(Some((seq_of(&key), value)));
             }
@@ -437,14 +551,17 @@ impl Store {
         let Some(generation) = generations.iter().rev().find(|g| g.first_seq <= seq) else {
             return Ok(());
         };
-        generation.db.remove(seq.to_be_bytes())?;
+        if generation.db()?.remove(seq.to_be_bytes())?.is_none() {
+            return Ok(()); // already gone
+        }
+        generation.batches.fetch_sub(1, SeqCst);
         self.live_bytes.fetch_sub(bytes, SeqCst);
         self.metrics.outbox_batches.fetch_sub(1, Relaxed);
         self.metrics
             .outbox_records
             .fetch_sub(i64::from(records), Relaxed);
         self.metrics.outbox_bytes.fetch_sub(bytes as i64, Relaxed);
-        if generations.len() > 1 && generation.db.is_empty() {
+        if generations.len() > 1 && generation.is_empty() {
             self.retire_drained();
         }
         Ok(())
@@ -453,13 +570,15 @@ impl Store {
     /// Blocking: persists removals (and anything else pending).
     pub fn flush(&self) -> Result<(), OutboxError> {
         for generation in self.generations() {
-            generation.db.flush()?;
+            if let Some(db) = generation.open_db() {
+                db.flush()?;
+            }
         }
         Ok(())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.generations().iter().all(|g| g.db.is_empty())
+        self.generations().iter().all(|g| g.is_empty())
     }
 
     /// Wakes the producer (used to make it notice a stop request).
@@ -469,10 +588,7 @@ impl Store {
 
     /// Measures the size on disk of every generation.
     fn measure_disk(&self) -> u64 {
-        let mut total = 0;
-        for generation in self.generations() {
-            total += generation.db.size_on_disk().unwrap_or(0);
-        }
+        let total = self.generations().iter().map(|g| dir_bytes(&g.dir)).sum();
         self.disk_measured.store(total, SeqCst);
         self.disk_since.store(0, SeqCst);
         self.metrics.outbox_disk_bytes.store(total, Relaxed);
@@ -491,12 +607,11 @@ impl Store {
             || self.disk_estimate() + pending + incoming > self.max_bytes
     }
 
-    /// After a measurement: a large active generation is closed to appends
-    /// so that it can be deleted once drained.
+    /// Closes a large active generation to appends, so that it can be
+    /// deleted once drained and its pages leave memory meanwhile.
     fn maybe_rotate(&self) {
         let active = self.active();
-        let size = active.db.size_on_disk().unwrap_or(0);
-        if size < self.rotate_at || active.db.is_empty() && size < self.max_bytes / 2 {
+        if active.appended.load(SeqCst) < self.rotate_at {
             return;
         }
         if let Err(e) = self.add_generation() {
@@ -507,18 +622,29 @@ impl Store {
     }
 }
 
+/// Bytes of the files in `dir` and one level below (sled's `blobs/`).
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 fn open_generation(
     root: &Path,
     first: u64,
     metrics: &Metrics,
-) -> Result<Option<Generation>, OutboxError> {
+) -> Result<Option<sled::Db>, OutboxError> {
     let dir = root.join(format!("{first:020}"));
     match open_db(&dir) {
-        Ok(db) => Ok(Some(Generation {
-            first_seq: first,
-            dir,
-            db,
-        })),
+        Ok(db) => Ok(Some(db)),
         Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
             // Another process holds the lock: never move its store aside.
             Err(OutboxError::Open {
@@ -552,7 +678,7 @@ fn open_db(dir: &Path) -> sled::Result<sled::Db> {
         .path(dir)
         // We flush ourselves, once per group commit.
         .flush_every_ms(None)
-        .cache_capacity(32 << 20)
+        .cache_capacity(8 << 20)
         .mode(sled::Mode::HighThroughput)
         .open()
 }
@@ -631,11 +757,11 @@ async fn run_writer(store: Arc<Store>, jobs: Receiver<Job>, flush_interval: Dura
 
         if last_disk_check.elapsed() >= DISK_CHECK_EVERY {
             store.measure_disk();
-            store.maybe_rotate();
             last_disk_check = Instant::now();
         }
         // Refuse jobs past the cap; keep the rest in arrival order.
-        let mut record: Option<AppendBatch> = None;
+        let mut records = Vec::new();
+        let mut record = AppendBatch::new();
         let mut accepted = Vec::with_capacity(group.len());
         let mut pending = 0u64;
         for job in group {
@@ -645,40 +771,67 @@ async fn run_writer(store: Arc<Store>, jobs: Receiver<Job>, flush_interval: Dura
                 continue;
             }
             pending += size;
-            let Job { batch, done } = job;
-            match &mut record {
-                None => record = Some(batch),
-                Some(r) => r.absorb(batch),
+            for entry in job.batch.raw_entries() {
+                if !record.is_empty() && record.bytes() + entry.len() > RECORD_BYTES {
+                    records.push(std::mem::take(&mut record).seal());
+                }
+                record.push_raw(entry);
             }
-            accepted.push(done);
+            accepted.push(job.done);
         }
-        let Some(record) = record else { continue };
-        let count = record.count;
-        let value = record.seal();
-        let len = value.len() as u64;
-        let seq = next_seq;
-        next_seq += 1;
+        if !record.is_empty() {
+            records.push(record.seal());
+        }
+        if records.is_empty() {
+            continue;
+        }
+        let count: u32 = records
+            .iter()
+            .map(|r| Batch::parse(r).map_or(0, |b| b.count))
+            .sum();
+        let len: u64 = records.iter().map(|r| r.len() as u64).sum();
+        let first = next_seq;
+        let batches = records.len() as u64;
+        next_seq += batches;
 
         let generation = store.active();
-        let db = generation.db.clone();
+        let db = match generation.db() {
+            Ok(db) => db,
+            Err(e) => {
+                log::error!("outbox write failed: {e}");
+                for done in accepted {
+                    let _ = done.try_send(Err(AppendError::Store(e.to_string())));
+                }
+                continue;
+            }
+        };
+        let writes = db.clone();
         let result = smol::unblock(move || {
-            db.insert(seq.to_be_bytes(), value)?;
-            db.flush()?;
+            for (seq, value) in (first..).zip(records) {
+                writes.insert(seq.to_be_bytes(), value)?;
+            }
+            writes.flush()?;
             Ok::<_, sled::Error>(())
         })
         .await;
         store.metrics.outbox_flushes.fetch_add(1, Relaxed);
         let reply = match result {
             Ok(()) => {
+                generation.batches.fetch_add(batches, SeqCst);
+                generation.appended.fetch_add(len, SeqCst);
                 store.live_bytes.fetch_add(len, SeqCst);
                 store.disk_since.fetch_add(len, SeqCst);
-                store.metrics.outbox_batches.fetch_add(1, Relaxed);
-                store
-                    .metrics
-                    .outbox_records
-                    .fetch_add(i64::from(count), Relaxed);
-                store.metrics.outbox_bytes.fetch_add(len as i64, Relaxed);
+                let metrics = &store.metrics;
+                metrics
+                    .outbox_disk_bytes
+                    .store(store.disk_estimate(), Relaxed);
+                metrics.outbox_batches.fetch_add(batches as i64, Relaxed);
+                metrics.outbox_records.fetch_add(i64::from(count), Relaxed);
+                metrics.outbox_bytes.fetch_add(len as i64, Relaxed);
                 store.committed.store(next_seq, SeqCst);
+                // Only now: a new generation starts at `committed`, so every
+                // seq of this group must be below it.
+                store.maybe_rotate();
                 if let Err(TrySendError::Closed(_)) = store.doorbell.try_send(()) {
                     log::debug!("outbox appended with no producer listening");
                 }
@@ -688,7 +841,9 @@ async fn run_writer(store: Arc<Store>, jobs: Receiver<Job>, flush_interval: Dura
                 store.metrics.outbox_write_errors.fetch_add(1, Relaxed);
                 log::error!("outbox write failed, {count} requests refused: {e}");
                 // The device keeps its copy; do not send one it was not acked.
-                let _ = generation.db.remove(seq.to_be_bytes());
+                for seq in first..next_seq {
+                    let _ = db.remove(seq.to_be_bytes());
+                }
                 store.committed.store(next_seq, SeqCst);
                 Err(match e {
                     sled::Error::Io(io) if io.raw_os_error() == Some(28) => AppendError::Full,
@@ -730,7 +885,9 @@ mod tests {
     #[test]
     fn sealed_batch_round_trips() {
         let mut b = batch(&[1, 2]);
-        b.absorb(batch(&[3]));
+        for entry in batch(&[3]).raw_entries() {
+            b.push_raw(entry);
+        }
         let value = b.seal();
         let parsed = Batch::parse(&value).unwrap();
         assert_eq!(parsed.count, 3);
@@ -816,13 +973,14 @@ mod tests {
             b
         };
         let mut id = 0;
+        let (mut acked, mut delivered) = (Vec::new(), Vec::new());
         smol::block_on(async {
             for _round in 0..3 {
                 // Fill to the cap, pausing so the writer measures the disk.
                 loop {
                     id += 1;
                     match appender.append(big(id)).await {
-                        Ok(()) => {}
+                        Ok(()) => acked.push(id),
                         Err(AppendError::Full) => break,
                         Err(e) => panic!("{e}"),
                     }
@@ -831,15 +989,20 @@ mod tests {
                     }
                     assert!(id < 1000, "the cap never applied");
                 }
-                // Deliver everything, as the producer would.
+                // Deliver everything, as the producer would: every acked
+                // id exactly once, in order, across generations.
                 let mut seq = 0;
                 while let Some((s, v)) = store.next_batch(seq).unwrap() {
+                    delivered.extend(ids(&v));
                     store.remove(s, v.len() as u64, 1).unwrap();
                     seq = s + 1;
                 }
+                assert_eq!(delivered, acked, "round {_round}");
+                assert!(store.is_empty());
                 smol::Timer::after(DISK_CHECK_EVERY + Duration::from_millis(100)).await;
                 id += 1;
                 appender.append(big(id)).await.expect("space came back");
+                acked.push(id);
             }
         });
         let dirs = std::fs::read_dir(dir.path().join("outbox"))

@@ -33,7 +33,7 @@ use crate::outbox::{Batch, Store};
 /// Requests handed to librdkafka and not yet confirmed, at most. Bounds
 /// memory during a long outage (the rest waits on disk) while keeping enough
 /// in flight for full-speed batching.
-const MAX_IN_FLIGHT: usize = 50_000;
+const MAX_IN_FLIGHT: usize = 20_000;
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 /// Removals are persisted at least this often even without new appends.
