@@ -19,6 +19,7 @@ use crate::outbox::{self, Store};
 use crate::producer::Pipeline;
 use crate::router::Router;
 use crate::signals;
+use crate::systemd;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -149,6 +150,10 @@ async fn serve(
         accept_stopped,
     ));
     admin.ready.store(true, SeqCst);
+    systemd::notify("READY=1");
+    if let Some(every) = systemd::watchdog_interval() {
+        ex.spawn(systemd::watchdog(every)).detach();
+    }
     log::info!(
         "listening for devices on {}, admin on {}, Kafka at {}",
         config.listener.address,
@@ -157,6 +162,7 @@ async fn serve(
     );
 
     let _ = stop_signal.recv().await;
+    systemd::notify("STOPPING=1");
     log::info!("shutting down: no new connections; frames from now on get shutting_down");
     shared.shutting_down.store(true, SeqCst);
     drop(stop_accepting);

@@ -21,6 +21,7 @@ mod producer;
 mod protocol;
 mod router;
 mod signals;
+mod systemd;
 
 use std::collections::HashMap;
 use std::io::Write;

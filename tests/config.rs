@@ -109,3 +109,51 @@ fn check_config_prints_effective_settings_with_precedence() {
     );
     assert!(!stdout.contains("s3cret"), "secrets are not printed");
 }
+
+#[test]
+fn packaged_config_documents_every_key_at_its_default() {
+    // Uncomment every `#key = value` line of the shipped file (but not the
+    // example librdkafka properties): it must load, and give the defaults.
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/packaging/edgegate.toml"
+    ))
+    .unwrap();
+    let mut uncommented = String::new();
+    let mut in_properties_example = false;
+    for line in shipped.lines() {
+        if line.starts_with("#[kafka.properties]") {
+            in_properties_example = true;
+        } else if line.starts_with('[') {
+            in_properties_example = false;
+        }
+        let active = line
+            .strip_prefix('#')
+            .filter(|l| !in_properties_example && l.contains(" = "));
+        uncommented.push_str(active.unwrap_or(line));
+        uncommented.push('\n');
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("edgegate.toml");
+    std::fs::write(&file, &uncommented).unwrap();
+    let (code, with_file, stderr) = run(&["check-config", "--config", file.to_str().unwrap()], &[]);
+    assert_eq!(code, Some(0), "{stderr}\n{uncommented}");
+    let (_, defaults, _) = run(&["check-config"], &[]);
+    assert_eq!(
+        with_file, defaults,
+        "the shipped file's values are the defaults"
+    );
+    // And every key appears in it.
+    let keys: Vec<&str> = defaults
+        .lines()
+        .filter_map(|l| l.split(" = ").next())
+        .collect();
+    assert!(keys.len() >= 15);
+    for key in keys {
+        let leaf = key.rsplit('.').next().unwrap();
+        assert!(
+            shipped.contains(&format!("#{leaf} = ")),
+            "{key} is not documented in the shipped config"
+        );
+    }
+}
