@@ -356,3 +356,26 @@ fn refusal_message(e: &AppendError) -> String {
         AppendError::Store(_) => "the request could not be stored; send it again".to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbox_refusals_map_to_the_contract_codes() {
+        assert_eq!(refusal_code(&AppendError::Full), ErrorCode::OutboxFull);
+        assert_eq!(
+            refusal_code(&AppendError::Store("io".into())),
+            ErrorCode::Internal
+        );
+        assert_eq!(refusal_code(&AppendError::Closed), ErrorCode::ShuttingDown);
+        // The device is told to keep and resend its request in each case.
+        for e in [
+            AppendError::Full,
+            AppendError::Store("x".into()),
+            AppendError::Closed,
+        ] {
+            assert!(refusal_message(&e).contains("again"), "{e}");
+        }
+    }
+}
