@@ -3,12 +3,10 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::bin;
+use common::command;
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
-    let out = Command::new(bin())
+    let out = command()
         .args(args)
         .envs(env.iter().copied())
         .env_remove("RUST_LOG")

@@ -359,8 +359,22 @@ pub struct Gateway {
     brokers: String,
 }
 
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_edgegate")
+/// The binary under test: this build's, or `EDGEGATE_TEST_BIN` (e.g. a
+/// cross-compiled one), run through `EDGEGATE_TEST_RUNNER` if set (e.g.
+/// `qemu-aarch64-static`).
+pub fn bin() -> String {
+    std::env::var("EDGEGATE_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_edgegate").to_owned())
+}
+
+pub fn command() -> Command {
+    match std::env::var("EDGEGATE_TEST_RUNNER") {
+        Ok(runner) if !runner.is_empty() => {
+            let mut c = Command::new(runner);
+            c.arg(bin());
+            c
+        }
+        _ => Command::new(bin()),
+    }
 }
 
 impl Gateway {
@@ -393,7 +407,7 @@ impl Gateway {
         std::fs::create_dir_all(&self.data_dir).unwrap();
         self.log_path = self.data_dir.with_extension(format!("{}.log", self.port));
         let log = std::fs::File::create(&self.log_path).unwrap();
-        let mut cmd = Command::new(bin());
+        let mut cmd = command();
         cmd.arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--admin-listen")
