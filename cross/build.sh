@@ -34,7 +34,15 @@ if [ "$target" = armv7-unknown-linux-musleabihf ]; then
 fi
 
 start=$(date +%s)
-cargo +"$toolchain" zigbuild --release --locked --target "$target" --features static "${build_std[@]}"
+# EDGEGATE_CROSS_TARGET_DIR: a cargo target directory kept across clones (CI
+# uses one), so librdkafka and OpenSSL are built once per target.
+cache="${EDGEGATE_CROSS_TARGET_DIR:-}"
+cargo +"$toolchain" zigbuild --release --locked --target "$target" --features static \
+  ${cache:+--target-dir "$cache"} "${build_std[@]}"
 bin="target/$target/release/edgegate"
+if [ -n "$cache" ]; then
+  mkdir -p "target/$target/release"
+  cp "$cache/$target/release/edgegate" "$bin"
+fi
 echo "built $bin in $(( $(date +%s) - start ))s: $(stat -c %s "$bin") bytes"
 file "$bin"

@@ -19,9 +19,7 @@ struct Setup {
 
 fn setup(server_id: &str) -> Setup {
     let broker = shared_broker();
-    let (up, down) = (unique("up"), unique("down"));
-    broker.create_topic(&up, 1);
-    broker.create_topic(&down, 2);
+    let (up, down) = broker.fresh_topics(1, 2);
     let gw = Gateway::start(
         GatewayOptions::new(broker.addr())
             .topics(&up, &down)

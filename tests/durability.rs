@@ -16,9 +16,7 @@ struct Setup {
 
 fn setup() -> Setup {
     let broker = Broker::start();
-    let (up, down) = (unique("up"), unique("down"));
-    broker.create_topic(&up, 2);
-    broker.create_topic(&down, 1);
+    let (up, down) = broker.fresh_topics(2, 1);
     Setup { broker, up, down }
 }
 

@@ -11,9 +11,7 @@ use serde_json::{json, Value};
 #[test]
 fn device_to_kafka_and_back() {
     let broker = shared_broker();
-    let (up, down) = (unique("up"), unique("down"));
-    broker.create_topic(&up, 1);
-    broker.create_topic(&down, 1);
+    let (up, down) = broker.fresh_topics(1, 1);
     let gw = Gateway::start(
         GatewayOptions::new(broker.addr())
             .topics(&up, &down)

@@ -11,9 +11,7 @@ use serde_json::{json, Value};
 #[test]
 fn envelope_key_and_header_follow_the_contract() {
     let broker = shared_broker();
-    let (up, down) = (unique("up"), unique("down"));
-    broker.create_topic(&up, 1);
-    broker.create_topic(&down, 1);
+    let (up, down) = broker.fresh_topics(1, 1);
     let gw = Gateway::start(
         GatewayOptions::new(broker.addr())
             .topics(&up, &down)
@@ -72,9 +70,7 @@ fn envelope_key_and_header_follow_the_contract() {
 #[test]
 fn pipelined_requests_of_each_connection_stay_in_order() {
     let broker = shared_broker();
-    let (up, down) = (unique("up"), unique("down"));
-    broker.create_topic(&up, 3);
-    broker.create_topic(&down, 1);
+    let (up, down) = broker.fresh_topics(3, 1);
     let gw = Gateway::start(GatewayOptions::new(broker.addr()).topics(&up, &down));
     const DEVICES: usize = 6;
     const EACH: usize = 300;
@@ -134,9 +130,7 @@ fn pipelined_requests_of_each_connection_stay_in_order() {
 #[test]
 fn server_id_is_generated_once_and_kept() {
     let broker = shared_broker();
-    let (up, down) = (unique("up"), unique("down"));
-    broker.create_topic(&up, 1);
-    broker.create_topic(&down, 1);
+    let (up, down) = broker.fresh_topics(1, 1);
     let mut gw = Gateway::start(GatewayOptions::new(broker.addr()).topics(&up, &down));
     let kept = std::fs::read_to_string(gw.data_dir.join("server_id")).unwrap();
     ack_id(&gw.device().request("a", "1", None, Value::Null));

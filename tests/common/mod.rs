@@ -189,6 +189,14 @@ impl Broker {
         format!("127.0.0.1:{}", self.proxy.port)
     }
 
+    /// A new uplink and downlink topic pair, with these partition counts.
+    pub fn fresh_topics(&self, up_partitions: i32, down_partitions: i32) -> (String, String) {
+        let (up, down) = (unique("up"), unique("down"));
+        self.create_topic(&up, up_partitions);
+        self.create_topic(&down, down_partitions);
+        (up, down)
+    }
+
     pub fn create_topic(&self, name: &str, partitions: i32) {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", self.addr())
