@@ -46,7 +46,7 @@
 //! - A generation that sled cannot open is moved aside, never deleted.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -85,6 +85,10 @@ pub enum OutboxError {
     Open { path: PathBuf, source: sled::Error },
     #[error("outbox store error: {0}")]
     Store(#[from] sled::Error),
+    #[error("outbox generation {0} was already drained and deleted")]
+    Retired(PathBuf),
+    #[error("the data directory {path} is in use by another edgegate process")]
+    InUse { path: PathBuf },
 }
 
 /// Why an append was refused. Nothing of a refused append is acked.
@@ -282,6 +286,9 @@ struct Generation {
     /// Bytes appended to it by this process (it rotates on this, so no
     /// directory walk is needed per flush).
     appended: AtomicU64,
+    /// Drained and deleted: must not be opened again (that would recreate
+    /// its directory).
+    retired: AtomicBool,
 }
 
 impl Generation {
@@ -292,6 +299,7 @@ impl Generation {
             db: Mutex::new(db),
             batches: AtomicU64::new(0),
             appended: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
         }
     }
 
@@ -300,6 +308,9 @@ impl Generation {
         let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(open) = &*db {
             return Ok(open.clone());
+        }
+        if self.retired.load(SeqCst) {
+            return Err(OutboxError::Retired(self.dir.clone()));
         }
         let open = open_db(&self.dir).map_err(|source| OutboxError::Open {
             path: self.dir.clone(),
@@ -335,6 +346,10 @@ impl Generation {
 /// removes).
 pub struct Store {
     root: PathBuf,
+    /// Held for the life of the store: one process per outbox. sled locks
+    /// each database, but a generation this process keeps closed would
+    /// otherwise be open to another one.
+    _lock: std::fs::File,
     /// Oldest first; the last one takes new batches.
     generations: RwLock<Vec<Arc<Generation>>>,
     metrics: Arc<Metrics>,
@@ -367,6 +382,7 @@ impl Store {
             path: root.to_owned(),
             source,
         })?;
+        let lock = lock_dir(root)?;
         let mut firsts = Vec::new();
         let entries = std::fs::read_dir(root).map_err(|source| OutboxError::CreateDir {
             path: root.to_owned(),
@@ -382,6 +398,7 @@ impl Store {
         let (doorbell, rung) = channel::bounded(1);
         let store = Store {
             root: root.to_owned(),
+            _lock: lock,
             generations: RwLock::new(Vec::new()),
             metrics,
             max_bytes,
@@ -531,7 +548,7 @@ impl Store {
             .rposition(|g| g.first_seq <= seq)
             .unwrap_or(0);
         for generation in &generations[from..] {
-            if generation.is_empty() {
+            if generation.is_empty() || generation.retired.load(SeqCst) {
                 continue;
             }
             self.reading.store(generation.first_seq, SeqCst);
@@ -551,6 +568,9 @@ impl Store {
         let Some(generation) = generations.iter().rev().find(|g| g.first_seq <= seq) else {
             return Ok(());
         };
+        if generation.retired.load(SeqCst) {
+            return Ok(()); // drained and deleted: nothing left to remove
+        }
         if generation.db()?.remove(seq.to_be_bytes())?.is_none() {
             return Ok(()); // already gone
         }
@@ -645,11 +665,11 @@ fn open_generation(
     let dir = root.join(format!("{first:020}"));
     match open_db(&dir) {
         Ok(db) => Ok(Some(db)),
-        Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
-            // Another process holds the lock: never move its store aside.
+        Err(e) if is_lock_error(&e) => {
+            // Still locked after waiting: never move a locked store aside.
             Err(OutboxError::Open {
                 path: dir,
-                source: sled::Error::Io(e),
+                source: e,
             })
         }
         Err(e) => {
@@ -673,7 +693,51 @@ fn open_generation(
     }
 }
 
+fn lock_dir(root: &Path) -> Result<std::fs::File, OutboxError> {
+    let path = root.join("lock");
+    let io = |source| OutboxError::CreateDir {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(OutboxError::InUse {
+            path: root.to_owned(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+    }
+}
+
+/// sled reports a database locked by another open handle only through the
+/// text of an I/O error.
+fn is_lock_error(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
+/// Opens a generation's database. This process holds the outbox's directory
+/// lock, so a sled lock conflict can only be a handle of this process that
+/// is still being released (sled lets go of its file lock asynchronously,
+/// and each open file has its own): wait it out.
 fn open_db(dir: &Path) -> sled::Result<sled::Db> {
+    let mut attempts = 0;
+    loop {
+        match open_db_once(dir) {
+            Err(e) if is_lock_error(&e) && attempts < 400 => {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn open_db_once(dir: &Path) -> sled::Result<sled::Db> {
     sled::Config::new()
         .path(dir)
         // We flush ourselves, once per group commit.
@@ -805,13 +869,24 @@ async fn run_writer(store: Arc<Store>, jobs: Receiver<Job>, flush_interval: Dura
                 continue;
             }
         };
-        let writes = db.clone();
+        // The handle goes into the blocking closure and dies there: a clone
+        // kept here would hold sled's file lock after a rotation closed the
+        // generation, and the producer could not open it.
         let result = smol::unblock(move || {
-            for (seq, value) in (first..).zip(records) {
-                writes.insert(seq.to_be_bytes(), value)?;
+            let written = (|| {
+                for (seq, value) in (first..).zip(records) {
+                    db.insert(seq.to_be_bytes(), value)?;
+                }
+                db.flush()?;
+                Ok::<_, sled::Error>(())
+            })();
+            if written.is_err() {
+                // The device keeps its copy; do not send one it was not acked.
+                for seq in first..first + batches {
+                    let _ = db.remove(seq.to_be_bytes());
+                }
             }
-            writes.flush()?;
-            Ok::<_, sled::Error>(())
+            written
         })
         .await;
         store.metrics.outbox_flushes.fetch_add(1, Relaxed);
@@ -840,10 +915,6 @@ async fn run_writer(store: Arc<Store>, jobs: Receiver<Job>, flush_interval: Dura
             Err(e) => {
                 store.metrics.outbox_write_errors.fetch_add(1, Relaxed);
                 log::error!("outbox write failed, {count} requests refused: {e}");
-                // The device keeps its copy; do not send one it was not acked.
-                for seq in first..next_seq {
-                    let _ = db.remove(seq.to_be_bytes());
-                }
                 store.committed.store(next_seq, SeqCst);
                 Err(match e {
                     sled::Error::Io(io) if io.raw_os_error() == Some(28) => AppendError::Full,
@@ -859,6 +930,9 @@ async fn run_writer(store: Arc<Store>, jobs: Receiver<Job>, flush_interval: Dura
         log::error!("final outbox flush failed: {e}");
     }
 }
+
+#[cfg(test)]
+mod model_tests;
 
 #[cfg(test)]
 mod tests {

@@ -305,3 +305,38 @@ fn sigterm_answers_new_frames_with_shutting_down_and_exits_zero() {
     let restarted = Gateway::start(opts);
     assert_eq!(restarted.metric("edgegate_outbox_records"), 1.0);
 }
+
+#[test]
+fn a_second_gateway_on_the_same_data_dir_is_refused_and_moves_nothing() {
+    let gw = gateway();
+    let mut d = gw.device();
+    ack_id(&d.request("a", "kept", None, Value::Null));
+    let out = common::command()
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--brokers",
+            "127.0.0.1:1",
+        ])
+        .arg("--data-dir")
+        .arg(&gw.data_dir)
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("in use by another edgegate process"),
+        "{stderr}"
+    );
+    let moved: Vec<_> = std::fs::read_dir(gw.data_dir.join("outbox"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("broken"))
+        .collect();
+    assert!(moved.is_empty(), "a live outbox was moved aside: {moved:?}");
+    // The first one is unaffected.
+    ack_id(&d.request("a", "still", None, Value::Null));
+    assert_eq!(gw.metric("edgegate_outbox_records"), 2.0);
+}
