@@ -12,6 +12,7 @@ mod bench;
 mod config;
 mod connection;
 mod consumer;
+mod device;
 mod frame;
 mod kafka;
 mod listener;
@@ -32,6 +33,7 @@ use config::{Config, Flags, FLAGS};
 const USAGE: &str = "\
 usage: edgegate [run] [OPTIONS]          run the gateway
        edgegate check-config [OPTIONS]   validate the configuration and print the effective settings
+       edgegate device [ADDR]            a device session: stdin lines are sent, replies printed
        edgegate bench MODE [...]         load and measurement tools (edgegate bench help)
        edgegate --version | --help
 
@@ -52,6 +54,7 @@ enum Command {
     Run,
     CheckConfig,
     Bench(bench::Options),
+    Device(String),
 }
 
 fn parse_args() -> Result<Option<(Command, Flags)>, lexopt::Error> {
@@ -65,6 +68,14 @@ fn parse_args() -> Result<Option<(Command, Flags)>, lexopt::Error> {
                 command = Some(match v.to_str() {
                     Some("run") => Command::Run,
                     Some("check-config") => Command::CheckConfig,
+                    Some("device") => {
+                        let address = match parser.next()? {
+                            Some(Value(v)) => v.string()?,
+                            Some(other) => return Err(other.unexpected()),
+                            None => "127.0.0.1:3000".to_owned(),
+                        };
+                        return Ok(Some((Command::Device(address), flags)));
+                    }
                     Some("bench") => {
                         let mode = parser.value()?.string()?;
                         let options = bench::Options::parse(mode, &mut parser)
@@ -138,6 +149,15 @@ fn main() -> ExitCode {
         }
     };
     init_logging();
+    if let Command::Device(address) = &command {
+        return match device::run(address) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("edgegate device: {e}\n{}", device::USAGE);
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Command::Bench(options) = &command {
         raise_open_file_limit();
         return match bench::run(options) {
@@ -163,7 +183,9 @@ fn main() -> ExitCode {
             print!("{}", config.describe());
             ExitCode::SUCCESS
         }
-        Command::Bench(_) => unreachable!("handled before loading the configuration"),
+        Command::Bench(_) | Command::Device(_) => {
+            unreachable!("handled before loading the configuration")
+        }
         Command::Run => {
             raise_open_file_limit();
             match app::run(config) {

@@ -340,3 +340,33 @@ fn a_second_gateway_on_the_same_data_dir_is_refused_and_moves_nothing() {
     ack_id(&d.request("a", "still", None, Value::Null));
     assert_eq!(gw.metric("edgegate_outbox_records"), 2.0);
 }
+
+#[test]
+fn the_device_subcommand_sends_stdin_and_prints_replies() {
+    use std::io::Write as _;
+    let gw = gateway();
+    let mut child = common::command()
+        .arg("device")
+        .arg(format!("127.0.0.1:{}", gw.port))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Ping\n{\"action\":\"t\",\"uid\":\"cli-1\"}\n{bad\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines[0], "Pong");
+    assert!(
+        lines[1].contains("\"action\":\"ack\"") && lines[1].contains("cli-1"),
+        "{text}"
+    );
+    assert!(lines[2].contains("bad_json"), "{text}");
+}
