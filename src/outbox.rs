@@ -71,6 +71,9 @@ const JOB_QUEUE: usize = 4096;
 /// A generation is closed to appends at this size on disk (or a quarter of
 /// the cap, if smaller): bounds the memory sled holds per open generation.
 const GENERATION_BYTES: u64 = 16 << 20;
+/// After a failed write, appends are refused without touching the store for
+/// this long.
+const RETRY_AFTER_WRITE_ERROR: Duration = Duration::from_millis(200);
 /// How often the size on disk is measured for the byte cap.
 const DISK_CHECK_EVERY: Duration = Duration::from_millis(500);
 
@@ -322,6 +325,11 @@ impl Generation {
 
     fn open_db(&self) -> Option<sled::Db> {
         self.db.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Drops the handle without flushing (after an I/O error).
+    fn reset(&self) {
+        self.db.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
     /// Flushes and closes it, releasing its pages.
@@ -714,6 +722,62 @@ fn lock_dir(root: &Path) -> Result<std::fs::File, OutboxError> {
     }
 }
 
+fn is_disk_full(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io)
+        if io.kind() == std::io::ErrorKind::StorageFull || io.raw_os_error() == Some(28))
+}
+
+/// Logs failed appends without flooding the log while the disk stays full:
+/// the first failure, then a summary at most every 10 s, then the recovery.
+struct ErrorThrottle {
+    failing_since: Option<Instant>,
+    last_report: Option<Instant>,
+    refused: u64,
+    /// What requests get while the store is left alone after a failure.
+    last_refusal: AppendError,
+}
+
+impl Default for ErrorThrottle {
+    fn default() -> Self {
+        ErrorThrottle {
+            failing_since: None,
+            last_report: None,
+            refused: 0,
+            last_refusal: AppendError::Full,
+        }
+    }
+}
+
+impl ErrorThrottle {
+    fn report(&mut self, refused: u32, e: &dyn std::fmt::Display) {
+        let now = Instant::now();
+        self.failing_since.get_or_insert(now);
+        self.refused += u64::from(refused);
+        if self
+            .last_report
+            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(10))
+        {
+            log::error!(
+                "outbox writes are failing ({e}); {} requests refused so far, devices keep them and retry",
+                self.refused
+            );
+            self.last_report = Some(now);
+        }
+    }
+
+    fn recovered(&mut self) {
+        if let Some(since) = self.failing_since.take() {
+            log::warn!(
+                "outbox writes work again after {:?}; {} requests were refused meanwhile",
+                since.elapsed(),
+                self.refused
+            );
+        }
+        self.last_report = None;
+        self.refused = 0;
+    }
+}
+
 /// sled reports a database locked by another open handle only through the
 /// text of an I/O error.
 fn is_lock_error(e: &sled::Error) -> bool {
@@ -787,6 +851,8 @@ pub fn start_writer(
 
 async fn run_writer(store: Arc<Store>, jobs: Receiver<Job>, flush_interval: Duration) {
     let mut next_seq = store.committed.load(SeqCst);
+    let mut write_errors = ErrorThrottle::default();
+    let mut retry_at: Option<Instant> = None;
     let mut last_disk_check = Instant::now();
     while let Ok(first) = jobs.recv().await {
         let mut group = vec![first];
@@ -859,12 +925,31 @@ async fn run_writer(store: Arc<Store>, jobs: Receiver<Job>, flush_interval: Dura
         next_seq += batches;
 
         let generation = store.active();
-        let db = match generation.db() {
+        // After a failure, the store is not tried again for a moment: every
+        // device would otherwise make the gateway reopen it in a loop.
+        let db = match retry_at.filter(|at| Instant::now() < *at) {
+            Some(_) => Err(None),
+            None => generation.db().map_err(Some),
+        };
+        let db = match db {
             Ok(db) => db,
             Err(e) => {
-                log::error!("outbox write failed: {e}");
+                write_errors.refused += u64::from(count);
+                let refusal = match &e {
+                    None => write_errors.last_refusal.clone(),
+                    Some(OutboxError::Open { source, .. }) if is_disk_full(source) => {
+                        AppendError::Full
+                    }
+                    Some(other) => AppendError::Store(other.to_string()),
+                };
+                if let Some(e) = e {
+                    write_errors.report(0, &e);
+                    write_errors.last_refusal = refusal.clone();
+                    retry_at = Some(Instant::now() + RETRY_AFTER_WRITE_ERROR);
+                }
+                store.committed.store(next_seq, SeqCst);
                 for done in accepted {
-                    let _ = done.try_send(Err(AppendError::Store(e.to_string())));
+                    let _ = done.try_send(Err(refusal.clone()));
                 }
                 continue;
             }
@@ -892,6 +977,8 @@ async fn run_writer(store: Arc<Store>, jobs: Receiver<Job>, flush_interval: Dura
         store.metrics.outbox_flushes.fetch_add(1, Relaxed);
         let reply = match result {
             Ok(()) => {
+                write_errors.recovered();
+                retry_at = None;
                 generation.batches.fetch_add(batches, SeqCst);
                 generation.appended.fetch_add(len, SeqCst);
                 store.live_bytes.fetch_add(len, SeqCst);
@@ -914,12 +1001,20 @@ async fn run_writer(store: Arc<Store>, jobs: Receiver<Job>, flush_interval: Dura
             }
             Err(e) => {
                 store.metrics.outbox_write_errors.fetch_add(1, Relaxed);
-                log::error!("outbox write failed, {count} requests refused: {e}");
+                write_errors.report(count, &e);
                 store.committed.store(next_seq, SeqCst);
-                Err(match e {
-                    sled::Error::Io(io) if io.raw_os_error() == Some(28) => AppendError::Full,
-                    other => AppendError::Store(other.to_string()),
-                })
+                // sled keeps failing with its first I/O error for the rest of
+                // the life of that handle, even once the disk has room again:
+                // drop it, so the next append (or read) opens it afresh.
+                generation.reset();
+                retry_at = Some(Instant::now() + RETRY_AFTER_WRITE_ERROR);
+                let refusal = if is_disk_full(&e) {
+                    AppendError::Full
+                } else {
+                    AppendError::Store(e.to_string())
+                };
+                write_errors.last_refusal = refusal.clone();
+                Err(refusal)
             }
         };
         for done in accepted {

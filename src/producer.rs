@@ -142,6 +142,7 @@ pub struct Pipeline {
     next_local: usize,
     /// Next outbox seq to read.
     cursor: u64,
+    last_read_error: Option<Instant>,
 }
 
 impl Pipeline {
@@ -165,6 +166,7 @@ impl Pipeline {
             in_flight_msgs: 0,
             next_local: 0,
             cursor: 0,
+            last_read_error: None,
         })
     }
 
@@ -236,7 +238,15 @@ impl Pipeline {
                 Ok(Some(next)) => next,
                 Ok(None) => return,
                 Err(e) => {
-                    log::error!("reading the outbox failed: {e}");
+                    // Retried on the next wake-up (at least every second);
+                    // reported at most every 30 s.
+                    if self
+                        .last_read_error
+                        .is_none_or(|at| at.elapsed() >= Duration::from_secs(30))
+                    {
+                        log::warn!("reading the outbox failed: {e}; retrying");
+                        self.last_read_error = Some(Instant::now());
+                    }
                     return;
                 }
             };
