@@ -445,27 +445,14 @@ impl Store {
         let (mut batches, mut records, mut bytes, mut next) = (0i64, 0i64, 0u64, 0u64);
         let mut generations = Vec::new();
         for &first in firsts {
-            let Some(db) = open_generation(&self.root, first, &self.metrics)? else {
+            let Some((generation, stats)) = load_generation(&self.root, first, &self.metrics)?
+            else {
                 continue;
             };
-            let generation = Generation::new(
-                first,
-                self.root.join(format!("{first:020}")),
-                Some(db.clone()),
-            );
-            next = next.max(first);
-            for item in db.iter() {
-                let (key, value) = item?;
-                next = next.max(seq_of(&key).saturating_add(1));
-                generation.batches.fetch_add(1, SeqCst);
-                batches += 1;
-                bytes += value.len() as u64;
-                if let Ok(batch) = Batch::parse(&value) {
-                    records += i64::from(batch.count);
-                }
-            }
-            drop(db);
-            generation.close();
+            next = next.max(first).max(stats.next_seq);
+            batches += stats.batches as i64;
+            records += stats.records;
+            bytes += stats.bytes;
             generations.push(Arc::new(generation));
         }
         *self.generations.write().unwrap_or_else(|p| p.into_inner()) = generations;
@@ -665,40 +652,85 @@ fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-fn open_generation(
+/// What a generation held when it was loaded.
+struct GenerationStats {
+    batches: u64,
+    records: i64,
+    bytes: u64,
+    next_seq: u64,
+}
+
+/// Opens and counts one generation left by an earlier run, then closes it.
+/// One that sled cannot open or read (an error, or a panic inside sled,
+/// which it raises on some damaged files) is moved aside to
+/// `<dir>.broken-<unix time>`, loudly, and left out: refusing to start, or
+/// crash-looping, would stop every device. Its files stay for an operator.
+fn load_generation(
     root: &Path,
     first: u64,
     metrics: &Metrics,
-) -> Result<Option<sled::Db>, OutboxError> {
+) -> Result<Option<(Generation, GenerationStats)>, OutboxError> {
     let dir = root.join(format!("{first:020}"));
-    match open_db(&dir) {
-        Ok(db) => Ok(Some(db)),
-        Err(e) if is_lock_error(&e) => {
+    let loaded = std::panic::catch_unwind(|| -> sled::Result<(sled::Db, GenerationStats)> {
+        let db = open_db(&dir)?;
+        let mut stats = GenerationStats {
+            batches: 0,
+            records: 0,
+            bytes: 0,
+            next_seq: first,
+        };
+        for item in db.iter() {
+            let (key, value) = item?;
+            stats.next_seq = stats.next_seq.max(seq_of(&key).saturating_add(1));
+            stats.batches += 1;
+            stats.bytes += value.len() as u64;
+            // A batch that fails its checksum is counted and skipped when
+            // the producer reaches it.
+            if let Ok(batch) = Batch::parse(&value) {
+                stats.records += i64::from(batch.count);
+            }
+        }
+        Ok((db, stats))
+    });
+    let reason = match loaded {
+        Ok(Ok((db, stats))) => {
+            let generation = Generation::new(first, dir, None);
+            generation.batches.store(stats.batches, SeqCst);
+            db.flush()?;
+            drop(db);
+            return Ok(Some((generation, stats)));
+        }
+        Ok(Err(e)) if is_lock_error(&e) => {
             // Still locked after waiting: never move a locked store aside.
-            Err(OutboxError::Open {
+            return Err(OutboxError::Open {
                 path: dir,
                 source: e,
-            })
+            });
         }
-        Err(e) => {
-            let stamp = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs();
-            let aside = PathBuf::from(format!("{}.broken-{stamp}", dir.display()));
-            log::error!(
-                "outbox store {} cannot be opened ({e}); moving it to {} and going on without it",
-                dir.display(),
-                aside.display()
-            );
-            std::fs::rename(&dir, &aside).map_err(|source| OutboxError::CreateDir {
-                path: aside.clone(),
-                source,
-            })?;
-            metrics.outbox_store_recoveries.fetch_add(1, Relaxed);
-            Ok(None)
-        }
-    }
+        Ok(Err(e)) => e.to_string(),
+        Err(panic) => panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "sled panicked".to_owned()),
+    };
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let aside = PathBuf::from(format!("{}.broken-{stamp}", dir.display()));
+    log::error!(
+        "outbox store {} is damaged and cannot be read ({reason}); moving it to {} and going on without it: \
+         requests acknowledged into it will not be sent unless recovered by hand",
+        dir.display(),
+        aside.display()
+    );
+    std::fs::rename(&dir, &aside).map_err(|source| OutboxError::CreateDir {
+        path: aside.clone(),
+        source,
+    })?;
+    metrics.outbox_store_recoveries.fetch_add(1, Relaxed);
+    Ok(None)
 }
 
 fn lock_dir(root: &Path) -> Result<std::fs::File, OutboxError> {
