@@ -1,0 +1,116 @@
+//! Small runs of every `edgegate bench` mode, so the tool cannot rot. They
+//! check that each mode works and reports, not how fast anything is.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+
+/// Runs `edgegate bench ARGS` and parses its final `key=value` line.
+fn bench(args: &[&str]) -> HashMap<String, String> {
+    let out = command().arg("bench").args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench {args:?} failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout.lines().last().expect("a result line");
+    line.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+fn num(r: &HashMap<String, String>, key: &str) -> f64 {
+    r.get(key)
+        .unwrap_or_else(|| panic!("no {key} in {r:?}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn raw_and_uplink_modes_report_and_verify() {
+    let broker = shared_broker();
+    let (up, down) = broker.fresh_topics(2, 1);
+    let raw = unique("raw");
+    broker.create_topic(&raw, 1);
+    let r = bench(&[
+        "raw",
+        "--brokers",
+        &broker.addr(),
+        "--topic",
+        &raw,
+        "--messages",
+        "2000",
+    ]);
+    assert_eq!(r["mode"], "raw");
+    assert!(num(&r, "msgs_per_sec") > 0.0);
+
+    let gw = Gateway::start(GatewayOptions::new(broker.addr()).topics(&up, &down));
+    let gateway = format!("127.0.0.1:{}", gw.port);
+    let r = bench(&[
+        "uplink",
+        "--gateway",
+        &gateway,
+        "--brokers",
+        &broker.addr(),
+        "--topic",
+        &up,
+        "--partitions",
+        "2",
+        "--connections",
+        "4",
+        "--window",
+        "8",
+        "--messages",
+        "1000",
+    ]);
+    assert_eq!(num(&r, "acked"), 1000.0);
+    assert_eq!(num(&r, "errors"), 0.0);
+    assert_eq!(
+        num(&r, "verified"),
+        1000.0,
+        "every acked id is in the topic"
+    );
+    assert_eq!(num(&r, "missing"), 0.0);
+    assert!(num(&r, "p99_ms") >= num(&r, "p50_ms"));
+}
+
+#[test]
+fn idle_and_drain_modes_report() {
+    let gw = Gateway::start(GatewayOptions::offline());
+    let gateway = format!("127.0.0.1:{}", gw.port);
+    let pid = gw.pid().to_string();
+    let r = bench(&[
+        "idle",
+        "--gateway",
+        &gateway,
+        "--pid",
+        &pid,
+        "--connections",
+        "200",
+    ]);
+    assert_eq!(num(&r, "connections"), 200.0);
+    assert!(num(&r, "rss_after_kib") > 0.0);
+
+    // A small backlog (Kafka is unreachable), then drain mode on it with a
+    // broker: it must see the outbox go to zero.
+    ack_id(
+        &gw.device()
+            .request("a", "backlog", None, serde_json::Value::Null),
+    );
+    let data_dir = gw.data_dir.clone();
+    drop(gw);
+    let broker = shared_broker();
+    let (up, down) = broker.fresh_topics(1, 1);
+    let mut opts = GatewayOptions::new(broker.addr()).topics(&up, &down);
+    opts.data_dir = Some(data_dir);
+    let gw = Gateway::start(opts);
+    let admin = format!("127.0.0.1:{}", gw.admin_port);
+    let r = bench(&["drain", "--admin", &admin, "--pid", &gw.pid().to_string()]);
+    assert_eq!(r["mode"], "drain");
+    assert!(num(&r, "seconds") >= 0.0);
+    assert_eq!(gw.metric("edgegate_outbox_records"), 0.0);
+}
