@@ -122,6 +122,10 @@ pub fn run(o: &Options) -> Result<(), BenchError> {
         "uplink" => uplink(o),
         "idle" => idle(o),
         "drain" => drain(o),
+        "help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
         other => Err(BenchError::Usage(format!(
             "unknown bench mode `{other}`\n{USAGE}"
         ))),
