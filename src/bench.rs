@@ -7,6 +7,9 @@
 //! - `uplink`: C connections pipelining W frames each; ack latency
 //!   percentiles, msgs/s, and a check that every acked messageId is in the
 //!   topic (assign-based reader, no group join).
+//! - `roundtrip`: an in-process echo worker (reads the uplink topic, answers
+//!   each request by clientId on the reply topic) and devices sending at a
+//!   fixed rate; send-to-echo latency percentiles.
 //! - `idle`: N idle connections; the gateway's RSS per connection.
 //! - `drain`: watches a gateway's outbox drain (after a backlog was built
 //!   while its broker was unreachable): time and RSS curve.
@@ -40,6 +43,8 @@ pub const USAGE: &str = "\
 usage: edgegate bench raw    --brokers LIST --topic T [--messages N] [--size BYTES]
        edgegate bench uplink --gateway ADDR --brokers LIST --topic T [--partitions P]
                              [--connections C] [--window W] [--messages N] [--size BYTES] [--no-verify]
+       edgegate bench roundtrip --gateway ADDR --admin ADDR --brokers LIST --topic T --reply-topic T
+                             [--partitions P] [--connections C] [--rate MSGS_PER_SEC] [--seconds S]
        edgegate bench idle   --gateway ADDR --pid PID [--connections N]
        edgegate bench drain  --admin ADDR --pid PID";
 
@@ -57,6 +62,11 @@ pub struct Options {
     pub messages: u64,
     pub size: usize,
     pub verify: bool,
+    /// roundtrip: the topic the echo worker answers on, the total request
+    /// rate and how long to send.
+    pub reply_topic: String,
+    pub rate: u64,
+    pub seconds: u64,
 }
 
 impl Options {
@@ -75,6 +85,9 @@ impl Options {
             messages: 200_000,
             size: 200,
             verify: true,
+            reply_topic: "workers_layer_messages".into(),
+            rate: 5000,
+            seconds: 10,
         };
         let bad = |e: lexopt::Error| BenchError::Usage(e.to_string());
         while let Some(arg) = args.next().map_err(bad)? {
@@ -105,6 +118,9 @@ impl Options {
                 "messages" => o.messages = num(value()?)?.max(1),
                 "size" => o.size = num(value()?)?.max(64) as usize,
                 "no-verify" => o.verify = false,
+                "reply-topic" => o.reply_topic = value()?,
+                "rate" => o.rate = num(value()?)?.max(1),
+                "seconds" => o.seconds = num(value()?)?.max(1),
                 other => {
                     return Err(BenchError::Usage(format!(
                         "unknown option --{other}\n{USAGE}"
@@ -122,6 +138,7 @@ pub fn run(o: &Options) -> Result<(), BenchError> {
         "uplink" => uplink(o),
         "idle" => idle(o),
         "drain" => drain(o),
+        "roundtrip" => roundtrip(o),
         "help" => {
             println!("{USAGE}");
             Ok(())
@@ -432,13 +449,189 @@ fn drain(o: &Options) -> Result<(), BenchError> {
 }
 
 fn outbox_records(admin: SocketAddr) -> Result<u64, BenchError> {
+    Ok(metric(admin, "edgegate_outbox_records")? as u64)
+}
+
+fn roundtrip(o: &Options) -> Result<(), BenchError> {
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
+
+    let gateway = require(o.gateway, "gateway")?;
+    let admin = require(o.admin, "admin")?;
+    // The gateway must be consuming the reply topic before anything is sent.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(admin, "edgegate_kafka_consumer_partitions")? < 1.0 {
+        if Instant::now() > deadline {
+            return Err(BenchError::Failed(
+                "the gateway's downlink consumer has no partitions".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let (brokers, topic, reply, partitions, stop) = (
+            o.brokers.clone(),
+            o.topic.clone(),
+            o.reply_topic.clone(),
+            o.partitions,
+            stop.clone(),
+        );
+        std::thread::spawn(move || echo_worker(&brokers, &topic, &reply, partitions, &stop))
+    };
+    // Let the worker resolve its start offsets (it reads from the end).
+    std::thread::sleep(Duration::from_secs(2));
+
+    let per_conn = o.rate as f64 / o.connections as f64;
+    let sending = Duration::from_secs(o.seconds);
+    let start = Instant::now();
+    let threads: Vec<_> =
+        (0..o.connections)
+            .map(|c| -> Result<_, BenchError> {
+                let stream = TcpStream::connect(gateway)?;
+                stream.set_nodelay(true)?;
+                stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+                let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+                let mut writer = stream.try_clone()?;
+                let (sent_w, size) = (sent.clone(), o.size);
+                let send = std::thread::spawn(move || -> std::io::Result<u64> {
+                    let mut n = 0u64;
+                    while start.elapsed() < sending {
+                        let due = start + Duration::from_secs_f64(n as f64 / per_conn);
+                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                        let f = frame(c, n, size);
+                        sent_w
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(format!("{c}-{n}"), Instant::now());
+                        writer.write_all(f.as_bytes())?;
+                        writer.write_all(b"\n")?;
+                        n += 1;
+                    }
+                    Ok(n)
+                });
+                let recv = std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream);
+                    let mut latencies = Vec::new();
+                    let mut line = String::new();
+                    let quiet_until = start + sending + Duration::from_secs(5);
+                    while Instant::now() < quiet_until {
+                        line.clear();
+                        match reader.read_line(&mut line) {
+                            Ok(0) => break,
+                            Ok(_) if line.contains("\"action\":\"echo\"") => {
+                                if let Some(uid) = extract(&line, "\"uid\":\"") {
+                                    let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
+                                    if let Some(at) = sent.remove(uid) {
+                                        latencies
+                                            .push(at.elapsed().as_micros().min(u32::MAX as u128)
+                                                as u32);
+                                    }
+                                    if sent.is_empty() && start.elapsed() >= sending {
+                                        break;
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    latencies
+                });
+                Ok((send, recv))
+            })
+            .collect::<Result<_, _>>()?;
+    let (mut total, mut latencies) = (0u64, Vec::new());
+    for (send, recv) in threads {
+        total += send
+            .join()
+            .map_err(|_| BenchError::Failed("a sender panicked".into()))??;
+        latencies.extend(
+            recv.join()
+                .map_err(|_| BenchError::Failed("a reader panicked".into()))?,
+        );
+    }
+    stop.store(true, Relaxed);
+    let _ = worker.join();
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        let i = ((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1));
+        latencies.get(i).copied().unwrap_or(0) as f64 / 1000.0
+    };
+    println!(
+        "mode=roundtrip connections={} rate={} seconds={} sent={total} echoed={} lost={} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2}",
+        o.connections,
+        o.rate,
+        o.seconds,
+        latencies.len(),
+        total.saturating_sub(latencies.len() as u64),
+        pct(0.50),
+        pct(0.99),
+        pct(0.999),
+    );
+    Ok(())
+}
+
+/// A backend worker: answers every ServerRequest with an echo to its clientId.
+fn echo_worker(
+    brokers: &str,
+    topic: &str,
+    reply: &str,
+    partitions: i32,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(), BenchError> {
+    use rdkafka::producer::{BaseProducer, BaseRecord as Record};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "edgegate-bench-echo")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::End)?;
+    }
+    consumer.assign(&tpl)?;
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "0")
+        .create()?;
+    while !stop.load(Relaxed) {
+        producer.poll(Duration::ZERO);
+        let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) else {
+            continue;
+        };
+        let payload = std::str::from_utf8(m.payload().unwrap_or_default()).unwrap_or("");
+        let (Some(client), Some(uid)) = (
+            extract(payload, "\"clientId\":\""),
+            extract(payload, "\"uid\":\""),
+        ) else {
+            continue;
+        };
+        let answer = format!(
+            "{{\"deviceResponse\":{{\"action\":\"echo\",\"uid\":\"{uid}\",\"status\":\"ok\"}},\"clientId\":\"{client}\"}}"
+        );
+        let mut record = Record::<(), str>::to(reply).payload(&answer);
+        while let Err((_, back)) = producer.send(record) {
+            record = back;
+            producer.poll(Duration::from_millis(1));
+        }
+    }
+    let _ = producer.flush(Duration::from_secs(5));
+    Ok(())
+}
+
+fn metric(admin: SocketAddr, name: &str) -> Result<f64, BenchError> {
     let mut s = TcpStream::connect(admin)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
     let mut body = String::new();
     std::io::Read::read_to_string(&mut s, &mut body)?;
-    body.lines()
-        .find_map(|l| l.strip_prefix("edgegate_outbox_records "))
+    Ok(body
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| BenchError::Failed("no edgegate_outbox_records in /metrics".into()))
+        .unwrap_or(0.0))
 }

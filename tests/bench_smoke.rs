@@ -114,3 +114,36 @@ fn idle_and_drain_modes_report() {
     assert!(num(&r, "seconds") >= 0.0);
     assert_eq!(gw.metric("edgegate_outbox_records"), 0.0);
 }
+
+#[test]
+fn roundtrip_mode_echoes_through_kafka_and_back() {
+    let broker = shared_broker();
+    let (up, down) = broker.fresh_topics(1, 1);
+    let gw = Gateway::start(
+        GatewayOptions::new(broker.addr())
+            .topics(&up, &down)
+            .env("EDGEGATE_KAFKA_CONSUMER_GROUP_ID", unique("rt")),
+    );
+    let r = bench(&[
+        "roundtrip",
+        "--gateway",
+        &format!("127.0.0.1:{}", gw.port),
+        "--admin",
+        &format!("127.0.0.1:{}", gw.admin_port),
+        "--brokers",
+        &broker.addr(),
+        "--topic",
+        &up,
+        "--reply-topic",
+        &down,
+        "--connections",
+        "4",
+        "--rate",
+        "200",
+        "--seconds",
+        "2",
+    ]);
+    assert!(num(&r, "sent") >= 300.0, "{r:?}");
+    assert_eq!(num(&r, "lost"), 0.0, "every request echoed back: {r:?}");
+    assert!(num(&r, "p99_ms") >= num(&r, "p50_ms"));
+}
