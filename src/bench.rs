@@ -486,63 +486,62 @@ fn roundtrip(o: &Options) -> Result<(), BenchError> {
     let per_conn = o.rate as f64 / o.connections as f64;
     let sending = Duration::from_secs(o.seconds);
     let start = Instant::now();
-    let threads: Vec<_> =
-        (0..o.connections)
-            .map(|c| -> Result<_, BenchError> {
-                let stream = TcpStream::connect(gateway)?;
-                stream.set_nodelay(true)?;
-                stream.set_read_timeout(Some(Duration::from_millis(200)))?;
-                let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-                let mut writer = stream.try_clone()?;
-                let (sent_w, size) = (sent.clone(), o.size);
-                let send = std::thread::spawn(move || -> std::io::Result<u64> {
-                    let mut n = 0u64;
-                    while start.elapsed() < sending {
-                        let due = start + Duration::from_secs_f64(n as f64 / per_conn);
-                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                            std::thread::sleep(wait);
-                        }
-                        let f = frame(c, n, size);
-                        sent_w
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(format!("{c}-{n}"), Instant::now());
-                        writer.write_all(f.as_bytes())?;
-                        writer.write_all(b"\n")?;
-                        n += 1;
+    let threads: Vec<_> = (0..o.connections)
+        .map(|c| -> Result<_, BenchError> {
+            let stream = TcpStream::connect(gateway)?;
+            stream.set_nodelay(true)?;
+            stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+            let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+            let mut writer = stream.try_clone()?;
+            let (sent_w, size) = (sent.clone(), o.size);
+            let send = std::thread::spawn(move || -> std::io::Result<u64> {
+                let mut n = 0u64;
+                while start.elapsed() < sending {
+                    let due = start + Duration::from_secs_f64(n as f64 / per_conn);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
                     }
-                    Ok(n)
-                });
-                let recv = std::thread::spawn(move || {
-                    let mut reader = BufReader::new(stream);
-                    let mut latencies = Vec::new();
-                    let mut line = String::new();
-                    let quiet_until = start + sending + Duration::from_secs(5);
-                    while Instant::now() < quiet_until {
-                        line.clear();
-                        match reader.read_line(&mut line) {
-                            Ok(0) => break,
-                            Ok(_) if line.contains("\"action\":\"echo\"") => {
-                                if let Some(uid) = extract(&line, "\"uid\":\"") {
-                                    let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
-                                    if let Some(at) = sent.remove(uid) {
-                                        latencies
+                    let f = frame(c, n, size);
+                    sent_w
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(format!("{c}-{n}"), Instant::now());
+                    writer.write_all(f.as_bytes())?;
+                    writer.write_all(b"\n")?;
+                    n += 1;
+                }
+                Ok(n)
+            });
+            let recv = std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                let mut latencies = Vec::new();
+                let mut line = String::new();
+                let quiet_until = start + sending + Duration::from_secs(5);
+                while Instant::now() < quiet_until {
+                    line.clear();
+                    match reader.read_line(&mut line) {
+                        Ok(0) => break,
+                        Ok(_) if line.contains("\"action\":\"echo\"") => {
+                            if let Some(uid) = extract(&line, "\"uid\":\"") {
+                                let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
+                                if let Some(at) = sent.remove(uid) {
+                                    latencies
                                             .push(at.elapsed().as_micros().min(u32::MAX as u128)
                                                 as u32);
-                                    }
-                                    if sent.is_empty() && start.elapsed() >= sending {
-                                        break;
-                                    }
+                                }
+                                if sent.is_empty() && start.elapsed() >= sending {
+                                    break;
                                 }
                             }
-                            _ => {}
                         }
+                        _ => {}
                     }
-                    latencies
-                });
-                Ok((send, recv))
-            })
-            .collect::<Result<_, _>>()?;
+                }
+                latencies
+            });
+            Ok((send, recv))
+        })
+        .collect::<Result<_, _>>()?;
     let (mut total, mut latencies) = (0u64, Vec::new());
     for (send, recv) in threads {
         total += send
