@@ -244,12 +244,7 @@ fn uplink(o: &Options) -> Result<(), BenchError> {
     let secs = start.elapsed().as_secs_f64();
     let _ = reporter.join();
     latencies.sort_unstable();
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
-    };
+    let pct = |p: f64| percentile_ms(&latencies, p);
     let verified = if o.verify {
         let found = count_in_topic(&o.brokers, &o.topic, o.partitions, &acked)?;
         format!(" verified={found} missing={}", acked.len() - found)
@@ -263,9 +258,9 @@ fn uplink(o: &Options) -> Result<(), BenchError> {
         o.size,
         acked.len(),
         acked.len() as f64 / secs,
-        pct(0.50) as f64 / 1000.0,
-        pct(0.99) as f64 / 1000.0,
-        pct(0.999) as f64 / 1000.0,
+        pct(0.50),
+        pct(0.99),
+        pct(0.999),
     );
     Ok(())
 }
@@ -347,17 +342,7 @@ fn count_in_topic(
 ) -> Result<usize, BenchError> {
     let mut want: HashSet<&str> = ids.iter().map(String::as_str).collect();
     let total = want.len();
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "edgegate-bench-verify")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
+    let consumer = reader(brokers, topic, partitions, rdkafka::Offset::Beginning)?;
     let mut last_progress = Instant::now();
     while !want.is_empty() && last_progress.elapsed() < Duration::from_secs(20) {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
@@ -555,10 +540,7 @@ fn roundtrip(o: &Options) -> Result<(), BenchError> {
     stop.store(true, Relaxed);
     let _ = worker.join();
     latencies.sort_unstable();
-    let pct = |p: f64| {
-        let i = ((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1));
-        latencies.get(i).copied().unwrap_or(0) as f64 / 1000.0
-    };
+    let pct = |p: f64| percentile_ms(&latencies, p);
     println!(
         "mode=roundtrip connections={} rate={} seconds={} sent={total} echoed={} lost={} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2}",
         o.connections,
@@ -582,17 +564,7 @@ fn echo_worker(
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<(), BenchError> {
     use rdkafka::producer::{BaseProducer, BaseRecord as Record};
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "edgegate-bench-echo")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "5")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, rdkafka::Offset::End)?;
-    }
-    consumer.assign(&tpl)?;
+    let consumer = reader(brokers, topic, partitions, rdkafka::Offset::End)?;
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("linger.ms", "0")
@@ -633,4 +605,32 @@ fn metric(admin: SocketAddr, name: &str) -> Result<f64, BenchError> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0))
+}
+
+/// A consumer of every partition of `topic` from `start`, by assignment (no
+/// group join, which some brokers make slow).
+fn reader(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    start: rdkafka::Offset,
+) -> Result<BaseConsumer, BenchError> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "edgegate-bench")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, start)?;
+    }
+    consumer.assign(&tpl)?;
+    Ok(consumer)
+}
+
+/// The `p` quantile of sorted microsecond latencies, in milliseconds.
+fn percentile_ms(sorted_us: &[u32], p: f64) -> f64 {
+    let i = ((sorted_us.len() as f64 * p) as usize).min(sorted_us.len().saturating_sub(1));
+    sorted_us.get(i).copied().unwrap_or(0) as f64 / 1000.0
 }

@@ -49,7 +49,7 @@ impl ClientContext for Context {
     }
 
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
-        crate::producer::log_librdkafka(level, fac, log_message);
+        crate::kafka::log_librdkafka(level, fac, log_message);
     }
 }
 

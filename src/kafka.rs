@@ -44,3 +44,14 @@ impl ErrorLog {
         self.last.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }
+
+/// librdkafka's own log lines: connection failures are already reported
+/// through `error`, so they go to debug; real trouble stays visible.
+pub fn log_librdkafka(level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+    use rdkafka::config::RDKafkaLogLevel::*;
+    match level {
+        Emerg | Alert | Critical => log::error!(target: "librdkafka", "{fac}: {message}"),
+        Error | Warning if fac != "FAIL" => log::warn!(target: "librdkafka", "{fac}: {message}"),
+        _ => log::debug!(target: "librdkafka", "{fac}: {message}"),
+    }
+}

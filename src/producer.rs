@@ -74,18 +74,7 @@ impl ClientContext for Context {
     }
 
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
-        log_librdkafka(level, fac, log_message);
-    }
-}
-
-/// librdkafka's own log lines: connection failures are already reported
-/// through `error`, so they go to debug; real trouble stays visible.
-pub fn log_librdkafka(level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
-    use rdkafka::config::RDKafkaLogLevel::*;
-    match level {
-        Emerg | Alert | Critical => log::error!(target: "librdkafka", "{fac}: {message}"),
-        Error | Warning if fac != "FAIL" => log::warn!(target: "librdkafka", "{fac}: {message}"),
-        _ => log::debug!(target: "librdkafka", "{fac}: {message}"),
+        crate::kafka::log_librdkafka(level, fac, log_message);
     }
 }
 
