@@ -25,6 +25,10 @@ pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 10;
 /// Downlink messages queued for one device that is not reading; past it the
 /// device is disconnected rather than letting memory grow.
 pub const DEFAULT_MAX_PENDING_DOWNLINK: u64 = 1_000;
+/// Time a connection has to authenticate (token mode) or to finish its TLS
+/// handshake: enough for a device on a slow link, short enough that
+/// unauthenticated sockets cannot pile up.
+pub const DEFAULT_AUTH_TIMEOUT_SECS: u64 = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -54,6 +58,36 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub outbox: OutboxConfig,
     pub admin: AdminConfig,
+    pub auth: AuthConfig,
+    pub tls: TlsConfig,
+}
+
+/// How a connection proves which device it is (PROTOCOL 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Bound only by the backend's `connect.response`.
+    None,
+    /// An HMAC token in the first frame.
+    Token,
+    /// A client certificate on the TLS listener.
+    Mtls,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    pub token_key_file: Option<PathBuf>,
+    pub revoked_file: Option<PathBuf>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// `None`: no TLS listener.
+    pub address: Option<SocketAddr>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub client_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -182,6 +216,38 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "127.0.0.1:8080",
         "HTTP /healthz, /readyz, /metrics",
     ),
+    (
+        "auth.mode",
+        "none",
+        "none (bound by the backend's connect.response), token (HMAC token in the first frame) or mtls (client certificates)",
+    ),
+    (
+        "auth.token_key_file",
+        "",
+        "token mode: the HMAC key, at least 32 bytes, not readable by group or others",
+    ),
+    (
+        "auth.revoked_file",
+        "",
+        "deviceUids refused at authentication, one per line; re-read when it changes",
+    ),
+    (
+        "auth.timeout_secs",
+        "10",
+        "close a connection that has not authenticated (or finished its TLS handshake) by then",
+    ),
+    (
+        "tls.address",
+        "",
+        "TLS device listener, e.g. 0.0.0.0:3443; empty: off",
+    ),
+    ("tls.cert_file", "", "TLS listener: certificate chain (PEM)"),
+    ("tls.key_file", "", "TLS listener: private key (PEM)"),
+    (
+        "tls.client_ca_file",
+        "",
+        "mtls mode: CA certificates (PEM) that sign device certificates",
+    ),
 ];
 
 impl Config {
@@ -254,6 +320,28 @@ impl Config {
             self.outbox.flush_interval.as_millis()
         );
         let _ = writeln!(s, "admin.address = {}", q(&self.admin.address.to_string()));
+        let a = &self.auth;
+        let mode = match a.mode {
+            AuthMode::None => "none",
+            AuthMode::Token => "token",
+            AuthMode::Mtls => "mtls",
+        };
+        let path = |p: &Option<PathBuf>| {
+            q(&p.as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default())
+        };
+        let _ = writeln!(s, "auth.mode = {}", q(mode));
+        // The key file's name is not a secret; its bytes never leave it.
+        let _ = writeln!(s, "auth.token_key_file = {}", path(&a.token_key_file));
+        let _ = writeln!(s, "auth.revoked_file = {}", path(&a.revoked_file));
+        let _ = writeln!(s, "auth.timeout_secs = {}", a.timeout.as_secs());
+        let t = &self.tls;
+        let address = t.address.map(|a| a.to_string()).unwrap_or_default();
+        let _ = writeln!(s, "tls.address = {}", q(&address));
+        let _ = writeln!(s, "tls.cert_file = {}", path(&t.cert_file));
+        let _ = writeln!(s, "tls.key_file = {}", path(&t.key_file));
+        let _ = writeln!(s, "tls.client_ca_file = {}", path(&t.client_ca_file));
         s
     }
 }
@@ -516,6 +604,7 @@ impl<'a> Layers<'a> {
         let admin = AdminConfig {
             address: self.address("admin.address", "127.0.0.1:8080")?,
         };
+        let (auth, tls) = self.security()?;
         Ok(Config {
             server_id: (!server_id.is_empty()).then_some(server_id),
             data_dir: PathBuf::from(data_dir),
@@ -523,7 +612,103 @@ impl<'a> Layers<'a> {
             kafka,
             outbox,
             admin,
+            auth,
+            tls,
         })
+    }
+
+    fn path(&self, key: &'static str) -> Result<Option<PathBuf>, ConfigError> {
+        let text = self.string(key, "")?;
+        Ok((!text.is_empty()).then(|| PathBuf::from(text)))
+    }
+
+    /// The `auth` and `tls` sections, checked against each other. The files
+    /// themselves are read (and refused, naming the file) at start.
+    fn security(&self) -> Result<(AuthConfig, TlsConfig), ConfigError> {
+        let mode = match self.string("auth.mode", "none")?.as_str() {
+            "none" => AuthMode::None,
+            "token" => AuthMode::Token,
+            "mtls" => AuthMode::Mtls,
+            other => {
+                return Err(invalid(
+                    "auth.mode",
+                    self.source_of("auth.mode"),
+                    format!("`{other}` is not one of none, token, mtls"),
+                ))
+            }
+        };
+        let auth = AuthConfig {
+            mode,
+            token_key_file: self.path("auth.token_key_file")?,
+            revoked_file: self.path("auth.revoked_file")?,
+            timeout: Duration::from_secs(self.number(
+                "auth.timeout_secs",
+                DEFAULT_AUTH_TIMEOUT_SECS,
+                1,
+                3600,
+            )?),
+        };
+        let address = self.string("tls.address", "")?;
+        let tls = TlsConfig {
+            address: if address.is_empty() {
+                None
+            } else {
+                Some(self.address("tls.address", "")?)
+            },
+            cert_file: self.path("tls.cert_file")?,
+            key_file: self.path("tls.key_file")?,
+            client_ca_file: self.path("tls.client_ca_file")?,
+        };
+        let need = |key: &'static str, present: bool, why: &str| {
+            if present {
+                Ok(())
+            } else {
+                Err(invalid(
+                    key,
+                    self.source_of(key),
+                    format!("is required {why}"),
+                ))
+            }
+        };
+        if mode == AuthMode::Token {
+            need(
+                "auth.token_key_file",
+                auth.token_key_file.is_some(),
+                "when auth.mode is token",
+            )?;
+        }
+        if mode == AuthMode::Mtls {
+            need(
+                "tls.address",
+                tls.address.is_some(),
+                "when auth.mode is mtls",
+            )?;
+            need(
+                "tls.client_ca_file",
+                tls.client_ca_file.is_some(),
+                "when auth.mode is mtls",
+            )?;
+        } else if tls.client_ca_file.is_some() {
+            // Accepting it silently would suggest devices are checked.
+            return Err(invalid(
+                "tls.client_ca_file",
+                self.source_of("tls.client_ca_file"),
+                "is only used when auth.mode is mtls",
+            ));
+        }
+        if tls.address.is_some() {
+            need(
+                "tls.cert_file",
+                tls.cert_file.is_some(),
+                "when tls.address is set",
+            )?;
+            need(
+                "tls.key_file",
+                tls.key_file.is_some(),
+                "when tls.address is set",
+            )?;
+        }
+        Ok((auth, tls))
     }
 }
 
@@ -715,6 +900,51 @@ mod tests {
         assert!(err.to_string().contains("listener.max_frame_byte"), "{err}");
         let err = load(Some("[listener\n"), &[], &[]).unwrap_err();
         assert!(matches!(err, ConfigError::Toml { .. }), "{err}");
+    }
+
+    #[test]
+    fn security_settings_are_checked_against_each_other() {
+        let c = load(None, &[], &[]).unwrap();
+        assert_eq!(c.auth.mode, AuthMode::None);
+        assert_eq!(c.auth.timeout, Duration::from_secs(10));
+        assert!(c.tls.address.is_none());
+        let refused: &[(&[(&str, &str)], &str)] = &[
+            (&[("EDGEGATE_AUTH_MODE", "tokens")], "auth.mode"),
+            (&[("EDGEGATE_AUTH_MODE", "token")], "auth.token_key_file"),
+            (&[("EDGEGATE_AUTH_MODE", "mtls")], "tls.address"),
+            (
+                &[
+                    ("EDGEGATE_AUTH_MODE", "mtls"),
+                    ("EDGEGATE_TLS_ADDRESS", "127.0.0.1:3443"),
+                    ("EDGEGATE_TLS_CERT_FILE", "c.pem"),
+                    ("EDGEGATE_TLS_KEY_FILE", "k.pem"),
+                ],
+                "tls.client_ca_file",
+            ),
+            (
+                &[("EDGEGATE_TLS_ADDRESS", "127.0.0.1:3443")],
+                "tls.cert_file",
+            ),
+            (&[("EDGEGATE_TLS_ADDRESS", "nowhere")], "tls.address"),
+            (
+                &[("EDGEGATE_TLS_CLIENT_CA_FILE", "ca.pem")],
+                "tls.client_ca_file",
+            ),
+            (&[("EDGEGATE_AUTH_TIMEOUT_SECS", "0")], "auth.timeout_secs"),
+        ];
+        for (env, key) in refused {
+            let e = load(None, env, &[]).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{key}`")), "{env:?}: {e}");
+        }
+        let c = load(
+            Some("[auth]\nmode = \"mtls\"\n[tls]\naddress = \"127.0.0.1:3443\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\nclient_ca_file = \"ca.pem\"\n"),
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.auth.mode, AuthMode::Mtls);
+        assert_eq!(c.tls.address.unwrap().port(), 3443);
+        assert!(c.describe().contains("auth.mode = \"mtls\""));
     }
 
     #[test]

@@ -40,11 +40,90 @@ pub struct Metrics {
     pub downlink_other_server: AtomicU64,
     pub downlink_malformed: AtomicU64,
     pub downlink_consumer_errors: AtomicU64,
+
+    pub auth_ok: AtomicU64,
+    pub auth_failures: [AtomicU64; AuthFailure::ALL.len()],
+    pub auth_timeouts: AtomicU64,
+    pub auth_damped: AtomicU64,
+    pub auth_revoked_closed: AtomicU64,
+    pub tls_handshake_errors: [AtomicU64; HandshakeError::ALL.len()],
+}
+
+/// Why an authentication was refused (each counts towards damping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// The auth frame's token is wrong, for another device or missing.
+    BadToken,
+    /// The device is on the revocation list.
+    Revoked,
+    /// A frame other than auth or ping came first.
+    NotAuthFirst,
+}
+
+impl AuthFailure {
+    pub const ALL: [AuthFailure; 3] = [
+        AuthFailure::BadToken,
+        AuthFailure::Revoked,
+        AuthFailure::NotAuthFirst,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthFailure::BadToken => "bad_token",
+            AuthFailure::Revoked => "revoked",
+            AuthFailure::NotAuthFirst => "not_auth_first",
+        }
+    }
+}
+
+/// Why a TLS handshake failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeError {
+    /// Not finished within `auth.timeout_secs`.
+    Timeout,
+    /// The peer does not speak TLS (plain TCP on the TLS port, say).
+    NotTls,
+    /// mtls: the device presented no certificate.
+    NoCertificate,
+    /// A certificate that does not verify (unknown CA, expired, ...).
+    BadCertificate,
+    /// mtls: a verified certificate without a usable subject CN.
+    NoCommonName,
+    /// The peer closed or reset the connection, or anything else.
+    Other,
+}
+
+impl HandshakeError {
+    pub const ALL: [HandshakeError; 6] = [
+        HandshakeError::Timeout,
+        HandshakeError::NotTls,
+        HandshakeError::NoCertificate,
+        HandshakeError::BadCertificate,
+        HandshakeError::NoCommonName,
+        HandshakeError::Other,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeError::Timeout => "timeout",
+            HandshakeError::NotTls => "not_tls",
+            HandshakeError::NoCertificate => "no_certificate",
+            HandshakeError::BadCertificate => "bad_certificate",
+            HandshakeError::NoCommonName => "no_common_name",
+            HandshakeError::Other => "other",
+        }
+    }
 }
 
 impl Metrics {
     pub fn error(&self, code: ErrorCode) {
         self.errors[code.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn auth_failure(&self, why: AuthFailure) {
+        self.auth_failures[why as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn handshake_error(&self, why: HandshakeError) {
+        self.tls_handshake_errors[why as usize].fetch_add(1, Relaxed);
     }
 
     pub fn render(&self) -> String {
@@ -151,6 +230,45 @@ impl Metrics {
             get(&self.downlink_consumer_errors),
         );
 
+        counter(
+            "edgegate_auth_ok_total",
+            "Connections that authenticated (token or client certificate).",
+            get(&self.auth_ok),
+        );
+        counter(
+            "edgegate_auth_timeouts_total",
+            "Connections closed for not authenticating within auth.timeout_secs.",
+            get(&self.auth_timeouts),
+        );
+        counter(
+            "edgegate_auth_damped_total",
+            "Connections closed at once because their address failed authentication too often.",
+            get(&self.auth_damped),
+        );
+        counter(
+            "edgegate_auth_revoked_closed_total",
+            "Open connections closed because their device was revoked.",
+            get(&self.auth_revoked_closed),
+        );
+        let mut labelled = |name: &str, help: &str, label: &str, values: &[(&str, u64)]| {
+            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n");
+            for (v, n) in values {
+                let _ = writeln!(out, "{name}{{{label}=\"{v}\"}} {n}");
+            }
+        };
+        labelled(
+            "edgegate_auth_failures_total",
+            "Refused authentications, by reason.",
+            "reason",
+            &AuthFailure::ALL.map(|r| (r.as_str(), get(&self.auth_failures[r as usize]))),
+        );
+        labelled(
+            "edgegate_tls_handshake_errors_total",
+            "Failed TLS handshakes, by reason.",
+            "reason",
+            &HandshakeError::ALL.map(|r| (r.as_str(), get(&self.tls_handshake_errors[r as usize]))),
+        );
+
         let _ = write!(
             out,
             "# HELP edgegate_errors_total Error replies sent to devices, by errorCode.\n# TYPE edgegate_errors_total counter\n"
@@ -225,6 +343,11 @@ mod tests {
         let text = m.render();
         assert!(text.contains("edgegate_errors_total{code=\"outbox_full\"} 1\n"));
         assert!(text.contains("edgegate_acks_total 3\n"));
+        m.auth_failure(AuthFailure::Revoked);
+        m.handshake_error(HandshakeError::NotTls);
+        let text = m.render();
+        assert!(text.contains("edgegate_auth_failures_total{reason=\"revoked\"} 1\n"));
+        assert!(text.contains("edgegate_tls_handshake_errors_total{reason=\"not_tls\"} 1\n"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ').unwrap();
             assert!(name.starts_with("edgegate_"), "{line}");

@@ -233,6 +233,41 @@ pub fn parse_frame(line: &[u8]) -> Result<Inbound<'_>, Rejection> {
     }))
 }
 
+/// The claim of an auth frame (PROTOCOL 5).
+#[derive(Debug)]
+pub struct AuthClaim<'a> {
+    pub device_uid: Cow<'a, str>,
+    pub token: Cow<'a, str>,
+}
+
+/// Reads `deviceUid` and `data.token` from a request whose action is
+/// `auth`; `Err` says what is missing (never echoing the token).
+pub fn auth_claim<'a>(req: &Request<'a>) -> Result<AuthClaim<'a>, &'static str> {
+    #[derive(Deserialize)]
+    struct AuthData<'a> {
+        #[serde(borrow)]
+        token: Option<Cow<'a, str>>,
+    }
+    let device_uid = req
+        .device_uid
+        .as_ref()
+        .ok_or("the auth frame needs a deviceUid")?
+        .value
+        .clone();
+    let data = req.data.ok_or("the auth frame needs data.token")?;
+    let token = serde_json::from_str::<AuthData<'a>>(data.get())
+        .ok()
+        .and_then(|d| d.token)
+        .ok_or("the auth frame needs data.token as a string")?;
+    Ok(AuthClaim { device_uid, token })
+}
+
+/// A deviceUid taken from elsewhere (a certificate's CN) obeys the same
+/// rule as one in a request.
+pub fn valid_device_uid(device_uid: &str) -> bool {
+    !device_uid.is_empty() && device_uid.len() <= MAX_ID_BYTES
+}
+
 /// `Ok(None)` for absent or null, `Err` for a value that is not a string.
 fn optional_str(raw: Option<&RawValue>) -> Result<Option<JsonStr<'_>>, ()> {
     let Some(raw) = raw else { return Ok(None) };
@@ -260,6 +295,13 @@ fn valid_action(action: &str) -> bool {
 }
 
 // ---- replies (PROTOCOL 1.2) ----
+
+/// Appends `{"action":"auth","uid":...,"status":"ok"}\n`.
+pub fn write_auth_ok(out: &mut Vec<u8>, uid_json: &str) {
+    out.extend_from_slice(b"{\"action\":\"auth\",\"uid\":");
+    out.extend_from_slice(uid_json.as_bytes());
+    out.extend_from_slice(b",\"status\":\"ok\"}\n");
+}
 
 /// Appends `{"action":"ack",...}\n`.
 pub fn write_ack(out: &mut Vec<u8>, uid_json: &str, message_id: &Uuid) {
@@ -545,6 +587,47 @@ mod tests {
             Ok(Inbound::Request(r)) => r,
             other => panic!("{line} gave {other:?}"),
         }
+    }
+
+    #[test]
+    fn auth_frames_give_their_claim() {
+        let r = request(
+            r#"{"action":"auth","uid":"a1","deviceUid":"dev-42","data":{"token":"ab\u0063"}}"#,
+        );
+        let claim = auth_claim(&r).unwrap();
+        assert_eq!(claim.device_uid, "dev-42");
+        assert_eq!(claim.token, "abc");
+        for (line, why) in [
+            (
+                r#"{"action":"auth","uid":"a1","data":{"token":"t"}}"#,
+                "deviceUid",
+            ),
+            (
+                r#"{"action":"auth","uid":"a1","deviceUid":"d"}"#,
+                "data.token",
+            ),
+            (
+                r#"{"action":"auth","uid":"a1","deviceUid":"d","data":{"token":7}}"#,
+                "string",
+            ),
+            (
+                r#"{"action":"auth","uid":"a1","deviceUid":"d","data":[1]}"#,
+                "string",
+            ),
+            (
+                r#"{"action":"auth","uid":"a1","deviceUid":"d","data":{}}"#,
+                "string",
+            ),
+        ] {
+            let e = auth_claim(&request(line)).unwrap_err();
+            assert!(e.contains(why), "{line}: {e}");
+        }
+        let mut out = Vec::new();
+        write_auth_ok(&mut out, "\"a1\"");
+        assert_eq!(
+            out,
+            b"{\"action\":\"auth\",\"uid\":\"a1\",\"status\":\"ok\"}\n"
+        );
     }
 
     #[test]
