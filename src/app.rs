@@ -10,8 +10,11 @@ use std::time::{Duration, Instant};
 use smol::channel;
 use smol::{Executor, Timer};
 
+use futures_rustls::TlsAcceptor;
+
 use crate::admin::{self, Admin};
-use crate::config::Config;
+use crate::auth::Gate;
+use crate::config::{AuthMode, Config};
 use crate::consumer::DownlinkConsumer;
 use crate::listener::{self, Shared};
 use crate::metrics::Metrics;
@@ -20,6 +23,7 @@ use crate::producer::Pipeline;
 use crate::router::Router;
 use crate::signals;
 use crate::systemd;
+use crate::tls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -38,6 +42,10 @@ pub enum AppError {
     Listen(#[from] listener::BindError),
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    #[error(transparent)]
+    Key(#[from] crate::auth::KeyError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -59,6 +67,13 @@ pub fn run(config: Config) -> Result<(), AppError> {
     );
 
     let metrics = Arc::new(Metrics::default());
+    // Key, certificates and CA are checked before anything else starts, so
+    // a bad one stops the service with a message naming the file.
+    let gate = Gate::new(&config.auth, metrics.clone())?;
+    let tls = match config.tls.address {
+        Some(_) => Some(tls::acceptor(&config.tls, config.auth.mode)?),
+        None => None,
+    };
     let (store, doorbell) = Store::open(
         &data_dir.join("outbox"),
         config.outbox.max_bytes,
@@ -84,6 +99,7 @@ pub fn run(config: Config) -> Result<(), AppError> {
 
     let result = smol::block_on(ex.run(serve(
         config,
+        Security { gate, tls },
         server_id,
         group,
         metrics,
@@ -99,9 +115,16 @@ pub fn run(config: Config) -> Result<(), AppError> {
     result
 }
 
+/// Authentication and the TLS acceptor, ready before the listeners start.
+struct Security {
+    gate: Gate,
+    tls: Option<TlsAcceptor>,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     config: Config,
+    security: Security,
     server_id: String,
     group: String,
     metrics: Arc<Metrics>,
@@ -117,11 +140,19 @@ async fn serve(
     let pipeline = Pipeline::new(store.clone(), &config.kafka, metrics.clone())?;
     let producer = ex.spawn(pipeline.run(doorbell, producer_stop.clone()));
 
-    let router = Arc::new(Router::new(
+    let mut router = Router::new(
         server_id.clone(),
         config.listener.max_pending_downlink,
         metrics.clone(),
-    ));
+    );
+    if security.gate.mode != AuthMode::None {
+        router = router.identity_from_auth();
+    }
+    let router = Arc::new(router);
+    let closer = router.clone();
+    security.gate.revoked.watch(move |device| {
+        closer.close_device(device);
+    });
     let consumer = DownlinkConsumer::start(&config.kafka, &group, router.clone(), metrics.clone())?;
 
     let admin = Arc::new(Admin {
@@ -132,31 +163,54 @@ async fn serve(
     ex.spawn(admin::serve(admin_listener, admin.clone(), ex.clone()))
         .detach();
 
-    let device_listener = listener::bind(config.listener.address).await?;
+    // mtls: every device must show a certificate, so no plain listener.
+    let plain = match config.auth.mode {
+        AuthMode::Mtls => None,
+        _ => Some(listener::bind(config.listener.address).await?),
+    };
+    let tls_listener = match (config.tls.address, security.tls) {
+        (Some(address), Some(acceptor)) => Some((listener::bind(address).await?, acceptor)),
+        _ => None,
+    };
     let shared = Arc::new(Shared {
         server_id,
         limits: config.listener.clone(),
         metrics: metrics.clone(),
         router: router.clone(),
         appender,
+        gate: security.gate,
         shutting_down: AtomicBool::new(false),
         open: AtomicUsize::new(0),
     });
     let (stop_accepting, accept_stopped) = channel::bounded::<()>(1);
-    let accept = ex.spawn(listener::run(
-        device_listener,
-        shared.clone(),
-        ex.clone(),
-        accept_stopped,
-    ));
+    let mut accepting = Vec::new();
+    if let Some(l) = plain {
+        let task = listener::run(l, None, shared.clone(), ex.clone(), accept_stopped.clone());
+        accepting.push(ex.spawn(task));
+    }
+    if let Some((l, acceptor)) = tls_listener {
+        let task = listener::run(
+            l,
+            Some(acceptor),
+            shared.clone(),
+            ex.clone(),
+            accept_stopped,
+        );
+        accepting.push(ex.spawn(task));
+    }
     admin.ready.store(true, SeqCst);
     systemd::notify("READY=1");
     if let Some(every) = systemd::watchdog_interval() {
         ex.spawn(systemd::watchdog(every)).detach();
     }
+    let plain_address = match config.auth.mode {
+        AuthMode::Mtls => "-".to_owned(),
+        _ => config.listener.address.to_string(),
+    };
+    let tls_address = config.tls.address.map_or("-".to_owned(), |a| a.to_string());
     log::info!(
-        "listening for devices on {}, admin on {}, Kafka at {}",
-        config.listener.address,
+        "listening for devices on {plain_address} (TLS: {tls_address}, auth: {:?}), admin on {}, Kafka at {}",
+        config.auth.mode,
         config.admin.address,
         config.kafka.brokers
     );
@@ -166,7 +220,9 @@ async fn serve(
     log::info!("shutting down: no new connections; frames from now on get shutting_down");
     shared.shutting_down.store(true, SeqCst);
     drop(stop_accepting);
-    accept.await;
+    for task in accepting {
+        task.await;
+    }
 
     let deadline = Instant::now() + config.kafka.drain_timeout;
     // Let appends already read reach the disk and their replies go out.

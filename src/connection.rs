@@ -1,8 +1,8 @@
 //! One device connection: frames in, replies and downlink out.
 //!
-//! An idle connection holds no read buffer: the task waits for readability
-//! and then reads into a per-thread buffer, keeping only the bytes of a frame
-//! that is split across reads. Replies to the frames of one read are written
+//! An idle plain connection holds no read buffer: the task waits for
+//! readability and then reads into a per-thread buffer, keeping only the
+//! bytes of a frame that is split across reads. Replies to the frames of one read are written
 //! together, in order, once their outbox append is on disk.
 
 use std::cell::RefCell;
@@ -11,16 +11,21 @@ use std::net::{SocketAddr, TcpStream};
 use std::ops::Range;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
+use std::time::Duration;
 
-use smol::io::AsyncWriteExt;
+use futures_rustls::TlsAcceptor;
 use smol::{Async, Timer};
 use uuid::Uuid;
 
+use crate::config::AuthMode;
 use crate::frame::{Frame, LineDecoder};
 use crate::listener::Shared;
+use crate::metrics::{AuthFailure, HandshakeError};
 use crate::outbox::{AppendBatch, AppendError};
-use crate::protocol::{self, ErrorCode, Inbound, Origin, Timestamp};
+use crate::protocol::{self, ErrorCode, Inbound, Origin, Request, Timestamp};
 use crate::router::{Downlink, Mailbox};
+use crate::tls;
+use crate::transport::{Ready, SharedSocket, Transport};
 
 /// Bytes read per syscall, into the per-thread buffer.
 const READ_CHUNK: usize = 64 << 10;
@@ -34,53 +39,194 @@ thread_local! {
     static READ_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; READ_CHUNK]);
 }
 
-pub async fn serve(socket: Arc<Async<TcpStream>>, peer: SocketAddr, shared: Arc<Shared>) {
+/// Serves one accepted socket until it closes. `tls` is set for
+/// connections from the TLS listener.
+pub async fn serve(
+    socket: Arc<Async<TcpStream>>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
+) {
     let client_id = Uuid::new_v4();
+    let opened = match tls {
+        None => Ok((Transport::Plain(socket.clone()), None)),
+        Some(acceptor) => handshake(&acceptor, socket.clone(), peer, &shared).await,
+    };
+    match opened {
+        Ok((transport, certified)) => {
+            let end = open(transport, certified, client_id, peer, &shared).await;
+            match &end {
+                Ok(reason) => log::debug!("connection {client_id} from {peer} closed: {reason:?}"),
+                Err(e) => log::debug!("connection {client_id} from {peer} ended: {e}"),
+            }
+            shared.router.unregister(&client_id);
+        }
+        Err(why) => log::debug!("connection from {peer} closed before it started: {why}"),
+    }
+    let _ = socket.get_ref().shutdown(std::net::Shutdown::Both);
+    shared.open.fetch_sub(1, SeqCst);
+    shared.metrics.connections_open.fetch_sub(1, Relaxed);
+}
+
+/// Runs the connection once its transport is up; `certified` is the
+/// deviceUid of an mtls client certificate.
+async fn open(
+    transport: Transport,
+    certified: Option<String>,
+    client_id: Uuid,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+) -> io::Result<Closed> {
     let mailbox = Arc::new(Mailbox::default());
-    shared
-        .router
-        .register(client_id, socket.clone(), mailbox.clone());
-    let idle = shared.limits.idle_timeout;
+    let gate = &shared.gate;
+    let (auth, bound) = match (gate.mode, certified) {
+        (AuthMode::Mtls, Some(device)) => {
+            let bound = shared.router.register_bound(
+                client_id,
+                transport.socket().clone(),
+                mailbox.clone(),
+                &device,
+            );
+            (AuthState::Done, Some(bound))
+        }
+        // Registered with the router only once authenticated: until then
+        // nothing but replies to its own frames reaches the device.
+        (AuthMode::Token, _) => (AuthState::Pending, None),
+        _ => {
+            shared
+                .router
+                .register(client_id, transport.socket().clone(), mailbox.clone());
+            (AuthState::Open, None)
+        }
+    };
+    let first_deadline = match auth {
+        AuthState::Pending => gate.timeout.min(shared.limits.idle_timeout),
+        _ => shared.limits.idle_timeout,
+    };
     let mut conn = Connection {
         decoder: LineDecoder::new(shared.limits.max_frame_bytes),
-        socket,
-        shared,
+        transport,
+        shared: shared.clone(),
         client_id,
-        bound: None,
-        idle_timer: Timer::after(idle),
+        peer,
+        mailbox: mailbox.clone(),
+        bound,
+        auth,
+        idle_timer: Timer::after(first_deadline),
+        since_yield: 0,
     };
     let end = conn.run(&mailbox).await;
-    match &end {
-        Ok(reason) => log::debug!("connection {client_id} from {peer} closed: {reason:?}"),
-        Err(e) => log::debug!("connection {client_id} from {peer} ended: {e}"),
-    }
-    let _ = conn.socket.get_ref().shutdown(std::net::Shutdown::Both);
-    conn.shared.router.unregister(&client_id);
-    conn.shared.open.fetch_sub(1, SeqCst);
-    conn.shared.metrics.connections_open.fetch_sub(1, Relaxed);
+    conn.transport.close().await;
+    end
 }
+
+/// The TLS handshake, bounded by `auth.timeout_secs`; in mtls mode also
+/// the certificate's device, checked against the revocation list.
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    socket: Arc<Async<TcpStream>>,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Result<(Transport, Option<String>), &'static str> {
+    let metrics = &shared.metrics;
+    let accepted = smol::future::or(
+        async { Some(acceptor.accept(SharedSocket(socket)).await) },
+        async {
+            Timer::after(shared.gate.timeout).await;
+            None
+        },
+    )
+    .await;
+    let stream = match accepted {
+        Some(Ok(stream)) => stream,
+        Some(Err(e)) => {
+            let why = tls::classify(&e);
+            log::debug!("TLS handshake with {peer} failed ({}): {e}", why.as_str());
+            metrics.handshake_error(why);
+            return Err(why.as_str());
+        }
+        None => {
+            metrics.handshake_error(HandshakeError::Timeout);
+            return Err(HandshakeError::Timeout.as_str());
+        }
+    };
+    if shared.gate.mode != AuthMode::Mtls {
+        return Ok((Transport::tls(stream), None));
+    }
+    let device = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|cert| tls::subject_common_name(cert))
+        .filter(|cn| protocol::valid_device_uid(cn));
+    let Some(device) = device else {
+        log::info!("refusing {peer}: its certificate has no usable subject CN");
+        metrics.handshake_error(HandshakeError::NoCommonName);
+        return Err(HandshakeError::NoCommonName.as_str());
+    };
+    let mut transport = Transport::tls(stream);
+    if shared.gate.revoked.is_revoked(&device) {
+        log::info!("refusing {peer}: device {device} is revoked");
+        metrics.auth_failure(AuthFailure::Revoked);
+        shared.gate.damper.failure(peer.ip());
+        shared.metrics.error(ErrorCode::Unauthorized);
+        let mut line = Vec::new();
+        protocol::write_error(&mut line, None, ErrorCode::Unauthorized, REVOKED);
+        let _ = smol::future::or(transport.write_all(&line), async {
+            Timer::after(Duration::from_secs(1)).await;
+            Ok(())
+        })
+        .await;
+        transport.close().await;
+        return Err("revoked");
+    }
+    metrics.auth_ok.fetch_add(1, Relaxed);
+    Ok((transport, Some(device)))
+}
+
+const REVOKED: &str = "this device is revoked";
 
 #[derive(Debug)]
 enum Closed {
     ByPeer,
     Idle,
     ShuttingDown,
+    AuthTimeout,
+    Unauthorized,
+}
+
+/// Where a connection stands with authentication (PROTOCOL 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AuthState {
+    /// `auth.mode = none`.
+    Open,
+    /// Token mode, before a valid auth frame: only pings and auth.
+    Pending,
+    /// Authenticated by token or certificate.
+    Done,
 }
 
 struct Connection {
-    socket: Arc<Async<TcpStream>>,
+    transport: Transport,
     shared: Arc<Shared>,
     client_id: Uuid,
+    peer: SocketAddr,
+    mailbox: Arc<Mailbox>,
     decoder: LineDecoder,
-    /// The deviceUid this connection is bound to (PROTOCOL 1.4).
+    /// The deviceUid this connection is bound to (PROTOCOL 1.4, 5).
     bound: Option<Arc<str>>,
+    auth: AuthState,
+    /// Idle timeout, or the authentication deadline while `Pending`.
     idle_timer: Timer,
+    /// Frames since the task last yielded.
+    since_yield: usize,
 }
 
 enum Wake {
-    Readable(io::Result<()>),
+    Input(io::Result<Ready>),
     Downlink(Downlink),
-    Idle,
+    Timer,
 }
 
 /// The frames of one read, before their append is on disk.
@@ -91,7 +237,8 @@ struct Work {
     replies: Vec<Reply>,
     batch: AppendBatch,
     frames: usize,
-    close: bool,
+    /// Set when the connection closes after these replies.
+    close: Option<Closed>,
 }
 
 enum Reply {
@@ -110,26 +257,44 @@ enum Step {
 impl Connection {
     async fn run(&mut self, mailbox: &Mailbox) -> io::Result<Closed> {
         loop {
+            let transport = &mut self.transport;
+            let timer = &mut self.idle_timer;
             let wake = smol::future::or(
-                smol::future::race(
-                    async { Wake::Readable(self.socket.readable().await) },
-                    async { Wake::Downlink(mailbox.pop().await) },
-                ),
+                smol::future::race(async { Wake::Input(transport.ready().await) }, async {
+                    Wake::Downlink(mailbox.pop().await)
+                }),
                 async {
-                    (&mut self.idle_timer).await;
-                    Wake::Idle
+                    timer.await;
+                    Wake::Timer
                 },
             )
             .await;
             match wake {
-                Wake::Readable(ready) => {
-                    ready?;
-                    if let Some(closed) = self.read_frames().await? {
+                Wake::Input(ready) => {
+                    let closed = match ready? {
+                        Ready::Readable => self.read_frames().await?,
+                        Ready::Read(0) => Some(Closed::ByPeer),
+                        Ready::Read(n) => {
+                            let buf = self.transport.take_buffer();
+                            let work = self.decode(&buf[..n]);
+                            self.transport.put_buffer(buf);
+                            self.handle(work).await?
+                        }
+                    };
+                    if let Some(closed) = closed {
                         return Ok(closed);
                     }
                 }
                 Wake::Downlink(first) => self.write_downlink(first, mailbox).await?,
-                Wake::Idle => {
+                Wake::Timer if self.auth == AuthState::Pending => {
+                    log::info!(
+                        "closing {}: no authentication within the time allowed",
+                        self.peer
+                    );
+                    self.shared.metrics.auth_timeouts.fetch_add(1, Relaxed);
+                    return Ok(Closed::AuthTimeout);
+                }
+                Wake::Timer => {
                     self.shared
                         .metrics
                         .connections_closed_idle
@@ -140,14 +305,13 @@ impl Connection {
         }
     }
 
-    /// Reads and answers until the socket has nothing more for now.
+    /// Plain TCP: reads and answers until the socket has nothing more for now.
     async fn read_frames(&mut self) -> io::Result<Option<Closed>> {
-        let mut since_yield = 0;
         loop {
             let step = READ_BUF.with(|buf| {
                 let mut buf = buf.borrow_mut();
                 loop {
-                    match self.socket.get_ref().read(&mut buf) {
+                    match self.transport.socket().get_ref().read(&mut buf) {
                         Ok(0) => return Ok(Step::Eof),
                         Ok(n) => return Ok(Step::Work(self.decode(&buf[..n]))),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -163,35 +327,58 @@ impl Connection {
                 Step::Drained => return Ok(None),
                 Step::Eof => return Ok(Some(Closed::ByPeer)),
             };
-            since_yield += work.frames;
-            if work.frames > 0 {
-                self.idle_timer.set_after(self.shared.limits.idle_timeout);
-            }
-            if self.answer(work).await? {
-                return Ok(Some(Closed::ShuttingDown));
-            }
-            if since_yield >= FRAMES_PER_YIELD {
-                since_yield = 0;
-                smol::future::yield_now().await;
+            if let Some(closed) = self.handle(work).await? {
+                return Ok(Some(closed));
             }
         }
+    }
+
+    /// Answers the frames of one read; yields now and then so that a
+    /// connection whose input never runs dry cannot starve the rest.
+    async fn handle(&mut self, work: Work) -> io::Result<Option<Closed>> {
+        self.since_yield += work.frames;
+        if work.frames > 0 && self.auth != AuthState::Pending {
+            // Pings do not extend the authentication deadline.
+            self.idle_timer.set_after(self.shared.limits.idle_timeout);
+        }
+        if let Some(closed) = self.answer(work).await? {
+            return Ok(Some(closed));
+        }
+        if self.since_yield >= FRAMES_PER_YIELD {
+            self.since_yield = 0;
+            smol::future::yield_now().await;
+        }
+        Ok(None)
     }
 
     /// Decodes and checks the frames of one read (no I/O).
     fn decode(&mut self, bytes: &[u8]) -> Work {
         let mut work = Work::default();
-        let shared = &*self.shared;
-        let bound = self.bound.as_deref();
-        let client_id = &self.client_id;
+        let Connection {
+            shared,
+            client_id,
+            peer,
+            decoder,
+            bound,
+            auth,
+            transport,
+            mailbox,
+            ..
+        } = self;
+        let shared = &**shared;
         let now = Timestamp::now();
-        self.decoder.decode(bytes, |frame| {
+        decoder.decode(bytes, |frame| {
             work.frames += 1;
             shared.metrics.frames.fetch_add(1, Relaxed);
-            if work.close {
+            if work.close.is_some() {
                 return; // the connection closes after the reply already queued
             }
             let start = work.text.len();
             let line = match frame {
+                Frame::TooLarge if *auth == AuthState::Pending => {
+                    refuse(&mut work, shared, *peer, None, AuthFailure::NotAuthFirst, NOT_AUTH_FIRST);
+                    return;
+                }
                 Frame::TooLarge => {
                     let msg = format!(
                         "the frame is longer than {} bytes and was discarded",
@@ -202,12 +389,8 @@ impl Connection {
                 }
                 Frame::Line(line) => line,
             };
-            match protocol::parse_frame(line) {
-                Err(rejection) => {
-                    shared.metrics.error(rejection.code);
-                    protocol::write_rejection(&mut work.text, &rejection);
-                    work.replies.push(Reply::Ready(start..work.text.len()));
-                }
+            let parsed = protocol::parse_frame(line);
+            match parsed {
                 Ok(Inbound::TextPing) => {
                     work.text.extend_from_slice(b"Pong\n");
                     work.replies.push(Reply::Ready(start..work.text.len()));
@@ -216,13 +399,54 @@ impl Connection {
                     protocol::write_pong(&mut work.text, uid.raw);
                     work.replies.push(Reply::Ready(start..work.text.len()));
                 }
+                Ok(Inbound::Request(req)) if *auth == AuthState::Pending => {
+                    if req.action.value != "auth" {
+                        refuse(&mut work, shared, *peer, Some(req.uid.raw), AuthFailure::NotAuthFirst, NOT_AUTH_FIRST);
+                        return;
+                    }
+                    match authenticate(shared, &req) {
+                        Ok(device) => {
+                            let device = shared.router.register_bound(
+                                *client_id,
+                                transport.socket().clone(),
+                                mailbox.clone(),
+                                &device,
+                            );
+                            log::debug!("connection {client_id} from {peer} authenticated as {device}");
+                            *bound = Some(device);
+                            *auth = AuthState::Done;
+                            shared.metrics.auth_ok.fetch_add(1, Relaxed);
+                            protocol::write_auth_ok(&mut work.text, req.uid.raw);
+                            work.replies.push(Reply::Ready(start..work.text.len()));
+                        }
+                        Err((why, msg)) => {
+                            log::info!("refused authentication from {peer}: {msg}");
+                            refuse(&mut work, shared, *peer, Some(req.uid.raw), why, msg);
+                        }
+                    }
+                }
+                Err(rejection) if *auth == AuthState::Pending => {
+                    let uid = rejection.uid_json.as_deref();
+                    refuse(&mut work, shared, *peer, uid, AuthFailure::NotAuthFirst, NOT_AUTH_FIRST);
+                }
+                Err(rejection) => {
+                    shared.metrics.error(rejection.code);
+                    protocol::write_rejection(&mut work.text, &rejection);
+                    work.replies.push(Reply::Ready(start..work.text.len()));
+                }
                 Ok(Inbound::Request(req)) => {
+                    if *auth == AuthState::Done && req.action.value == "auth" {
+                        let msg = "this connection is already authenticated";
+                        error(&mut work, shared, Some(req.uid.raw), ErrorCode::BadRequest, msg);
+                        return;
+                    }
                     if shared.shutting_down.load(Relaxed) {
-                        work.close = true;
+                        work.close = Some(Closed::ShuttingDown);
                         let msg = "the gateway is shutting down; send this request again after reconnecting";
                         error(&mut work, shared, Some(req.uid.raw), ErrorCode::ShuttingDown, msg);
                         return;
                     }
+                    let bound = bound.as_deref();
                     if let (Some(b), Some(claimed)) = (bound, &req.device_uid) {
                         if *b != *claimed.value {
                             let msg = "this connection is bound to another deviceUid";
@@ -250,10 +474,10 @@ impl Connection {
     }
 
     /// Stores the accepted requests, then writes every reply in order.
-    /// Returns true when the connection must close.
-    async fn answer(&mut self, work: Work) -> io::Result<bool> {
+    /// Returns why the connection must close, if it must.
+    async fn answer(&mut self, work: Work) -> io::Result<Option<Closed>> {
         if work.replies.is_empty() {
-            return Ok(false);
+            return Ok(None);
         }
         let accepted = work.batch.len();
         let outcome = if !work.batch.is_empty() {
@@ -316,10 +540,9 @@ impl Connection {
 
     /// Writes all of `bytes`, giving up if the device reads nothing for
     /// `idle_timeout` (it would otherwise hold this task forever).
-    async fn write(&self, bytes: &[u8]) -> io::Result<()> {
-        let mut socket = &*self.socket;
+    async fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
         let limit = self.shared.limits.idle_timeout;
-        smol::future::or(socket.write_all(bytes), async {
+        smol::future::or(self.transport.write_all(bytes), async {
             Timer::after(limit).await;
             Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -335,6 +558,45 @@ fn error(work: &mut Work, shared: &Shared, uid: Option<&str>, code: ErrorCode, m
     shared.metrics.error(code);
     protocol::write_error(&mut work.text, uid, code, message);
     work.replies.push(Reply::Ready(start..work.text.len()));
+}
+
+const NOT_AUTH_FIRST: &str = "authenticate first: the first frame must be an auth frame";
+
+/// Token mode: checks an auth frame; the deviceUid it proves, or why not.
+fn authenticate(shared: &Shared, req: &Request<'_>) -> Result<String, (AuthFailure, &'static str)> {
+    let claim = protocol::auth_claim(req).map_err(|why| (AuthFailure::BadToken, why))?;
+    let Some(key) = &shared.gate.key else {
+        return Err((
+            AuthFailure::BadToken,
+            "token authentication is not configured",
+        ));
+    };
+    if !key.verify(&claim.device_uid, &claim.token) {
+        return Err((
+            AuthFailure::BadToken,
+            "the token is not valid for this deviceUid",
+        ));
+    }
+    if shared.gate.revoked.is_revoked(&claim.device_uid) {
+        return Err((AuthFailure::Revoked, REVOKED));
+    }
+    Ok(claim.device_uid.into_owned())
+}
+
+/// A failed authentication: `unauthorized`, then the connection closes;
+/// counted, and towards damping of the source address.
+fn refuse(
+    work: &mut Work,
+    shared: &Shared,
+    peer: SocketAddr,
+    uid: Option<&str>,
+    why: AuthFailure,
+    message: &str,
+) {
+    shared.metrics.auth_failure(why);
+    shared.gate.damper.failure(peer.ip());
+    error(work, shared, uid, ErrorCode::Unauthorized, message);
+    work.close = Some(Closed::Unauthorized);
 }
 
 fn refusal_code(e: &AppendError) -> ErrorCode {

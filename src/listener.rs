@@ -11,6 +11,9 @@ use smol::channel::Receiver;
 use smol::io::AsyncWriteExt;
 use smol::{Async, Executor, Timer};
 
+use futures_rustls::TlsAcceptor;
+
+use crate::auth::Gate;
 use crate::config::ListenerConfig;
 use crate::connection;
 use crate::metrics::Metrics;
@@ -25,6 +28,7 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub router: Arc<Router>,
     pub appender: Appender,
+    pub gate: Gate,
     /// Set when shutdown begins: later frames get `shutting_down`.
     pub shutting_down: AtomicBool,
     pub open: AtomicUsize,
@@ -43,9 +47,11 @@ pub async fn bind(address: SocketAddr) -> Result<TcpListener, BindError> {
         .map_err(|source| BindError { address, source })
 }
 
-/// Accepts until `stop` closes.
+/// Accepts until `stop` closes; with `tls`, every connection starts with a
+/// TLS handshake.
 pub async fn run(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     ex: Arc<Executor<'static>>,
     stop: Receiver<()>,
@@ -66,6 +72,11 @@ pub async fn run(
                 continue;
             }
         };
+        if shared.gate.damper.is_damped(peer.ip()) {
+            // Closed at once, before any byte is read or a handshake starts.
+            log::debug!("closing {peer}: damped after failed authentications");
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let socket: Arc<Async<std::net::TcpStream>> = stream.into();
         if shared.open.fetch_add(1, SeqCst) >= shared.limits.max_connections {
@@ -76,12 +87,14 @@ pub async fn run(
                 .fetch_add(1, Relaxed);
             shared.metrics.error(ErrorCode::ServerBusy);
             log::debug!("refusing {peer}: max_connections reached");
-            ex.spawn(refuse_busy(socket)).detach();
+            if tls.is_none() {
+                ex.spawn(refuse_busy(socket)).detach();
+            } // a TLS client could not read a plain reply: just closed
             continue;
         }
         shared.metrics.connections_accepted.fetch_add(1, Relaxed);
         shared.metrics.connections_open.fetch_add(1, Relaxed);
-        ex.spawn(connection::serve(socket, peer, shared.clone()))
+        ex.spawn(connection::serve(socket, peer, shared.clone(), tls.clone()))
             .detach();
     }
     log::info!("device listener stopped accepting");

@@ -8,6 +8,7 @@
 
 mod admin;
 mod app;
+mod auth;
 mod bench;
 mod config;
 mod connection;
@@ -23,9 +24,12 @@ mod protocol;
 mod router;
 mod signals;
 mod systemd;
+mod tls;
+mod transport;
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use config::{Config, Flags, FLAGS};
@@ -34,6 +38,8 @@ const USAGE: &str = "\
 usage: edgegate [run] [OPTIONS]          run the gateway
        edgegate check-config [OPTIONS]   validate the configuration and print the effective settings
        edgegate device [ADDR]            a device session: stdin lines are sent, replies printed
+       edgegate token DEVICE_UID --key-file PATH
+                                         print the auth token of a device (auth.mode = token)
        edgegate bench MODE [...]         load and measurement tools (edgegate bench help)
        edgegate --version | --help
 
@@ -55,6 +61,10 @@ enum Command {
     CheckConfig,
     Bench(bench::Options),
     Device(String),
+    Token {
+        device_uid: String,
+        key_file: PathBuf,
+    },
 }
 
 fn parse_args() -> Result<Option<(Command, Flags)>, lexopt::Error> {
@@ -76,6 +86,7 @@ fn parse_args() -> Result<Option<(Command, Flags)>, lexopt::Error> {
                         };
                         return Ok(Some((Command::Device(address), flags)));
                     }
+                    Some("token") => return parse_token(&mut parser).map(Some),
                     Some("bench") => {
                         let mode = parser.value()?.string()?;
                         let options = bench::Options::parse(mode, &mut parser)
@@ -106,6 +117,43 @@ fn parse_args() -> Result<Option<(Command, Flags)>, lexopt::Error> {
         }
     }
     Ok(Some((command.unwrap_or(Command::Run), flags)))
+}
+
+fn parse_token(parser: &mut lexopt::Parser) -> Result<(Command, Flags), lexopt::Error> {
+    use lexopt::prelude::*;
+    let mut device_uid = None;
+    let mut key_file = None;
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Long("key-file") => key_file = Some(PathBuf::from(parser.value()?)),
+            Value(v) if device_uid.is_none() => device_uid = Some(v.string()?),
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    let missing = |what: &str| lexopt::Error::Custom(format!("token: {what} is missing").into());
+    let command = Command::Token {
+        device_uid: device_uid.ok_or_else(|| missing("DEVICE_UID"))?,
+        key_file: key_file.ok_or_else(|| missing("--key-file PATH"))?,
+    };
+    Ok((command, Flags::default()))
+}
+
+/// `edgegate token`: provisioning, with the same key checks as the service.
+fn print_token(device_uid: &str, key_file: &std::path::Path) -> ExitCode {
+    if !protocol::valid_device_uid(device_uid) {
+        eprintln!("edgegate token: a deviceUid is 1 to 128 bytes long");
+        return ExitCode::from(2);
+    }
+    match auth::TokenKey::load(key_file) {
+        Ok(key) => {
+            println!("{}", key.token_for(device_uid));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("edgegate token: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_logging() {
@@ -148,6 +196,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Command::Token {
+        device_uid,
+        key_file,
+    } = &command
+    {
+        return print_token(device_uid, key_file);
+    }
     init_logging();
     if let Command::Device(address) = &command {
         return match device::run(address) {
@@ -180,10 +235,22 @@ fn main() -> ExitCode {
     };
     match command {
         Command::CheckConfig => {
+            // The files the settings name are checked too, as at start.
+            let metrics = std::sync::Arc::new(metrics::Metrics::default());
+            if let Err(e) = auth::Gate::new(&config.auth, metrics) {
+                log::error!("configuration refused: {e}");
+                return ExitCode::from(78);
+            }
+            if config.tls.address.is_some() {
+                if let Err(e) = tls::acceptor(&config.tls, config.auth.mode) {
+                    log::error!("configuration refused: {e}");
+                    return ExitCode::from(78);
+                }
+            }
             print!("{}", config.describe());
             ExitCode::SUCCESS
         }
-        Command::Bench(_) | Command::Device(_) => {
+        Command::Bench(_) | Command::Device(_) | Command::Token { .. } => {
             unreachable!("handled before loading the configuration")
         }
         Command::Run => {

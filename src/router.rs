@@ -118,6 +118,9 @@ pub enum Routed {
 pub struct Router {
     server_id: String,
     max_pending: usize,
+    /// False when devices authenticate themselves (token, mtls): then the
+    /// backend's `connect.response` no longer binds anything.
+    binds_on_connect_response: bool,
     metrics: Arc<Metrics>,
     tables: Mutex<Tables>,
 }
@@ -127,9 +130,16 @@ impl Router {
         Router {
             server_id,
             max_pending,
+            binds_on_connect_response: true,
             metrics,
             tables: Mutex::new(Tables::default()),
         }
+    }
+
+    /// Identity comes from authentication, not from the backend.
+    pub fn identity_from_auth(mut self) -> Self {
+        self.binds_on_connect_response = false;
+        self
     }
 
     fn tables(&self) -> MutexGuard<'_, Tables> {
@@ -151,6 +161,39 @@ impl Router {
                 device: None,
             },
         );
+    }
+
+    /// Registers an authenticated connection bound to `device` at once; an
+    /// older connection of the same device is closed (takeover).
+    pub fn register_bound(
+        &self,
+        client_id: Uuid,
+        socket: Arc<Async<std::net::TcpStream>>,
+        mailbox: Arc<Mailbox>,
+        device: &str,
+    ) -> Arc<str> {
+        let mut t = self.tables();
+        t.clients.insert(
+            client_id,
+            Conn {
+                mailbox,
+                socket,
+                device: None,
+            },
+        );
+        self.bind(&mut t, client_id, device)
+    }
+
+    /// Closes the connection bound to `device`, if any (revocation).
+    pub fn close_device(&self, device: &str) -> bool {
+        let t = self.tables();
+        let Some(conn) = t.devices.get(device).and_then(|c| t.clients.get(c)) else {
+            return false;
+        };
+        log::warn!("device {device} is revoked: closing its connection");
+        self.metrics.auth_revoked_closed.fetch_add(1, Relaxed);
+        let _ = conn.socket.get_ref().shutdown(Shutdown::Both);
+        true
     }
 
     pub fn unregister(&self, client_id: &Uuid) {
@@ -207,7 +250,9 @@ impl Router {
             .filter(|id| t.clients.contains_key(id));
         if let Some(client) = by_client {
             let bind = match (&r.device_uid, r.binds) {
-                (Some(device), true) => Some(self.bind(&mut t, client, device)),
+                (Some(device), true) if self.binds_on_connect_response => {
+                    Some(self.bind(&mut t, client, device))
+                }
                 _ => None,
             };
             return self.push(&mut t, client, Downlink { line: r.line, bind });
@@ -280,13 +325,18 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    fn conn(router: &Router) -> (Uuid, Arc<Mailbox>, std::net::TcpStream) {
+    fn socket() -> (Arc<Async<std::net::TcpStream>>, std::net::TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (ours, _) = listener.accept().unwrap();
+        (Arc::new(Async::new(ours).unwrap()), peer)
+    }
+
+    fn conn(router: &Router) -> (Uuid, Arc<Mailbox>, std::net::TcpStream) {
+        let (ours, peer) = socket();
         let mailbox = Arc::new(Mailbox::default());
         let id = Uuid::new_v4();
-        router.register(id, Arc::new(Async::new(ours).unwrap()), mailbox.clone());
+        router.register(id, ours, mailbox.clone());
         (id, mailbox, peer)
     }
 
@@ -360,6 +410,36 @@ mod tests {
             r.route(&msg(&Uuid::new_v4(), "dev-2", "x", "ok")),
             Routed::Undeliverable
         );
+    }
+
+    #[test]
+    fn authenticated_identity_is_not_moved_by_the_backend() {
+        use std::io::Read;
+        let r = router().identity_from_auth();
+        let (a, rx, _peer) = conn(&r);
+        r.route(&msg(&a, "dev-9", "connect.response", "ok"));
+        assert!(rx.try_pop().unwrap().bind.is_none());
+        assert_eq!(
+            r.route(&msg(&Uuid::new_v4(), "dev-9", "x", "ok")),
+            Routed::Undeliverable
+        );
+        // Authentication binds at once, and a second one takes over.
+        let (first, mut first_peer) = socket();
+        r.register_bound(Uuid::new_v4(), first, Arc::new(Mailbox::default()), "dev-9");
+        let (second, mut second_peer) = socket();
+        let rx2 = Arc::new(Mailbox::default());
+        r.register_bound(Uuid::new_v4(), second, rx2.clone(), "dev-9");
+        let mut buf = [0u8; 1];
+        assert_eq!(first_peer.read(&mut buf).unwrap(), 0);
+        assert_eq!(
+            r.route(&msg(&Uuid::new_v4(), "dev-9", "x", "ok")),
+            Routed::Delivered
+        );
+        assert_eq!(rx2.len(), 1);
+        // Revocation closes the device's connection.
+        assert!(r.close_device("dev-9"));
+        assert_eq!(second_peer.read(&mut buf).unwrap(), 0);
+        assert!(!r.close_device("nobody"));
     }
 
     #[test]
