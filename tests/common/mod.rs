@@ -582,6 +582,19 @@ impl Device {
         Device { stream, reader }
     }
 
+    /// Connects from the loopback address `source` (any 127.x.y.z), so a
+    /// test has a source address of its own (damping is per address).
+    pub fn connect_from(port: u16, source: std::net::Ipv4Addr) -> Device {
+        Device::wrap(connect_from(port, source).expect("connect to gateway"))
+    }
+
+    pub fn wrap(stream: TcpStream) -> Device {
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let _ = stream.set_nodelay(true);
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Device { stream, reader }
+    }
+
     pub fn try_connect(port: u16) -> Option<Device> {
         let stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
@@ -652,6 +665,25 @@ impl Device {
             }
         }
     }
+}
+
+/// A TCP connection to 127.0.0.1:`port` from `source`.
+pub fn connect_from(port: u16, source: std::net::Ipv4Addr) -> std::io::Result<TcpStream> {
+    use rustix::net::{AddressFamily, SocketType};
+    let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None)?;
+    rustix::net::bind(&fd, &std::net::SocketAddrV4::new(source, 0))?;
+    rustix::net::connect(
+        &fd,
+        &std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port),
+    )?;
+    Ok(TcpStream::from(fd))
+}
+
+/// A loopback source address no other test in this process uses.
+pub fn fresh_source() -> std::net::Ipv4Addr {
+    static NEXT: AtomicU16 = AtomicU16::new(1);
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    std::net::Ipv4Addr::new(127, 77, (n >> 8) as u8, n as u8)
 }
 
 pub fn ack_id(reply: &Value) -> String {
