@@ -589,6 +589,36 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any auth frame the parser accepts gives back exactly its claim,
+        /// and damaged frames never panic (they are refused or parsed).
+        #[test]
+        fn auth_frame_parsing_is_exact_and_total(
+            device in "\\PC{0,140}",
+            token in "\\PC{0,90}",
+            edits in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 0..4),
+        ) {
+            let frame = serde_json::json!({"action":"auth","uid":"a1","deviceUid":device,"data":{"token":token}}).to_string();
+            match parse_frame(frame.as_bytes()) {
+                Ok(Inbound::Request(req)) => {
+                    let claim = auth_claim(&req).unwrap();
+                    proptest::prop_assert_eq!(&*claim.device_uid, device.as_str());
+                    proptest::prop_assert_eq!(&*claim.token, token.as_str());
+                }
+                Ok(other) => proptest::prop_assert!(false, "{:?}", other),
+                Err(r) => proptest::prop_assert!(device.is_empty() || device.len() > 128, "{:?}", r),
+            }
+            let mut damaged = frame.into_bytes();
+            for (at, byte) in edits {
+                let at = at % damaged.len();
+                damaged[at] = byte;
+            }
+            if let Ok(Inbound::Request(req)) = parse_frame(&damaged) {
+                let _ = auth_claim(&req);
+            }
+        }
+    }
+
     #[test]
     fn auth_frames_give_their_claim() {
         let r = request(

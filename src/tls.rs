@@ -223,6 +223,24 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Damaged certificates and random bytes never panic the reader.
+        #[test]
+        fn common_name_reader_is_total(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            edits in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 1..6),
+        ) {
+            let _ = subject_common_name(&bytes);
+            let cn: &[u8] = &[0x55, 0x04, 0x03];
+            let mut der = cert_with_subject(&[(cn, 0x0c, "dev-42")]);
+            for (at, byte) in edits {
+                let at = at % der.len();
+                der[at] = byte;
+            }
+            let _ = subject_common_name(&der);
+        }
+    }
+
     #[test]
     fn truncated_or_garbage_der_gives_none() {
         let cn: &[u8] = &[0x55, 0x04, 0x03];

@@ -412,6 +412,10 @@ impl Gateway {
     fn spawn(&mut self, wait_ready: bool) {
         self.port = free_port();
         self.admin_port = free_port();
+        self.spawn_on_ports(wait_ready);
+    }
+
+    fn spawn_on_ports(&mut self, wait_ready: bool) {
         std::fs::create_dir_all(&self.data_dir).unwrap();
         self.log_path = self.data_dir.with_extension(format!("{}.log", self.port));
         let log = std::fs::File::create(&self.log_path).unwrap();
@@ -543,6 +547,18 @@ impl Gateway {
     pub fn restart(&mut self) {
         self.kill();
         self.spawn(true);
+    }
+
+    /// SIGKILL, then start again on the same data directory and ports,
+    /// without waiting for it to be ready (devices reconnect by themselves).
+    pub fn kill_and_respawn(&mut self) {
+        self.kill();
+        self.spawn_on_ports(false);
+    }
+
+    /// True once /readyz answers 200.
+    pub fn is_ready(&self) -> bool {
+        matches!(http_get(self.admin_port, "/readyz"), Some((200, _)))
     }
 }
 
@@ -684,6 +700,77 @@ pub fn fresh_source() -> std::net::Ipv4Addr {
     static NEXT: AtomicU16 = AtomicU16::new(1);
     let n = NEXT.fetch_add(1, Ordering::SeqCst);
     std::net::Ipv4Addr::new(127, 77, (n >> 8) as u8, n as u8)
+}
+
+/// One acknowledged request: (messageId, the device's sequence number, deviceUid).
+pub type Acked = (String, u64, String);
+
+/// Checks the promise: every acked messageId of `acked` is in `topic`, and
+/// for each device the first copies are in sequence order. Returns the
+/// number of records read and of duplicate copies among them.
+pub fn assert_all_delivered(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    acked: &[Acked],
+) -> (usize, usize) {
+    let mut records = read_topic(
+        brokers,
+        topic,
+        partitions,
+        acked.len(),
+        Duration::from_secs(60),
+    );
+    let mut first: HashMap<String, (i32, i64)> = HashMap::new();
+    let index = |records: &[Record], first: &mut HashMap<String, (i32, i64)>| {
+        for r in records {
+            let id = r.payload["messageId"].as_str().unwrap().to_owned();
+            assert_eq!(
+                r.headers["message-id"],
+                id.as_bytes(),
+                "header matches the envelope"
+            );
+            first.entry(id).or_insert((r.partition, r.offset));
+        }
+    };
+    index(&records, &mut first);
+    if acked.iter().any(|(id, _, _)| !first.contains_key(id)) {
+        // Duplicates may have filled the count early: read everything.
+        records = read_topic(
+            brokers,
+            topic,
+            partitions,
+            usize::MAX,
+            Duration::from_secs(15),
+        );
+        first.clear();
+        index(&records, &mut first);
+    }
+    let missing: Vec<_> = acked
+        .iter()
+        .filter(|(id, _, _)| !first.contains_key(id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acked messages missing, e.g. {:?}",
+        missing.len(),
+        acked.len(),
+        missing.first()
+    );
+    // device -> [((partition, offset) of the first copy, seq)]
+    type Rows = Vec<((i32, i64), u64)>;
+    let mut by_device: HashMap<&str, Rows> = HashMap::new();
+    for (id, seq, device) in acked {
+        by_device.entry(device).or_default().push((first[id], *seq));
+    }
+    for (device, mut rows) in by_device {
+        rows.sort();
+        assert!(
+            rows.windows(2).all(|w| w[0].1 < w[1].1),
+            "{device}: first copies out of order"
+        );
+    }
+    (records.len(), records.len() - first.len())
 }
 
 pub fn ack_id(reply: &Value) -> String {

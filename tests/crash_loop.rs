@@ -1,0 +1,160 @@
+//! The random-kill loop: devices stream numbered requests while the gateway
+//! is SIGKILLed at random moments (during start-up too) and restarted on the
+//! same data directory, with the broker link cut in some cycles. Afterwards
+//! every acknowledged messageId must be in the topic, with each device's
+//! first copies in order.
+//!
+//! CI runs a short loop. The long mode for the reliability figures:
+//! `EDGEGATE_CRASH_CYCLES=100 cargo test --release --test crash_loop -- --nocapture`
+//! (`EDGEGATE_CRASH_SEED` replays a run's kill schedule).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const DEVICES: usize = 4;
+
+/// A small deterministic generator, so a failing schedule can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// One device: sends seq n until it is acked, then n + 1; reconnects after
+/// any failure and sends the unacknowledged seq again (a new messageId).
+fn device_loop(port: u16, name: String, stop: Arc<AtomicBool>, acked: Arc<Mutex<Vec<Acked>>>) {
+    let mut seq = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let Ok(stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        let mut d = Device::wrap(stream);
+        d.set_timeout(Duration::from_secs(3));
+        while !stop.load(Ordering::SeqCst) {
+            let frame = format!(
+                "{{\"action\":\"seq\",\"uid\":\"{seq}\",\"deviceUid\":\"{name}\",\"data\":{seq}}}\n"
+            );
+            if std::io::Write::write_all(&mut d.stream, frame.as_bytes()).is_err() {
+                break;
+            }
+            let Some(line) = d.line() else { break };
+            let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if reply["action"] == "ack" {
+                assert_eq!(reply["uid"], seq.to_string(), "{name}: reply out of order");
+                acked
+                    .lock()
+                    .unwrap()
+                    .push((ack_id(&reply), seq, name.clone()));
+                seq += 1;
+            } else {
+                // shutting_down or outbox_full: nothing stored, send again.
+                assert_eq!(reply["action"], "error", "{line}");
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+#[test]
+fn random_kills_lose_nothing_acknowledged() {
+    let cycles: usize = std::env::var("EDGEGATE_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
+    let seed = std::env::var("EDGEGATE_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            let random = uuid::Uuid::new_v4();
+            u64::from_le_bytes(random.as_bytes()[..8].try_into().unwrap()) | 1
+        });
+    eprintln!("crash loop: {cycles} cycles, EDGEGATE_CRASH_SEED={seed}");
+    let mut rng = Rng(seed);
+
+    let broker = Broker::start();
+    let (up, down) = broker.fresh_topics(2, 1);
+    let mut gw = Gateway::start(GatewayOptions::new(broker.addr()).topics(&up, &down));
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
+    let devices: Vec<_> = (0..DEVICES)
+        .map(|i| {
+            let (stop, acked, port) = (stop.clone(), acked.clone(), gw.port);
+            thread::spawn(move || device_loop(port, format!("dev-{i}"), stop, acked))
+        })
+        .collect();
+
+    let (mut cut_cycles, mut kills_before_ready) = (0, 0);
+    for cycle in 0..cycles {
+        let cut = rng.below(3) == 0;
+        if cut {
+            broker.proxy.cut();
+            cut_cycles += 1;
+        }
+        // One kill in four lands in start-up (sled opening, Kafka set-up),
+        // the others anywhere in 1.5 s of streaming.
+        let life = match rng.below(4) {
+            0 => Duration::from_millis(rng.below(100)),
+            _ => Duration::from_millis(rng.below(1500)),
+        };
+        thread::sleep(life);
+        if !gw.is_ready() {
+            kills_before_ready += 1;
+        }
+        gw.kill_and_respawn();
+        if cut {
+            broker.proxy.restore();
+        }
+        if cycle % 10 == 9 {
+            eprintln!(
+                "cycle {}: {} acked so far",
+                cycle + 1,
+                acked.lock().unwrap().len()
+            );
+        }
+    }
+    // Let the last gateway come up, take some traffic, and drain.
+    gw.wait_ready();
+    thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    for d in devices {
+        d.join().expect("device thread");
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while gw.metric("edgegate_outbox_records") != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "outbox never drained:\n{}",
+            gw.log()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > cycles,
+        "too little traffic to mean anything: {}",
+        acked.len()
+    );
+    let (records, duplicates) = assert_all_delivered(&broker.addr(), &up, 2, &acked);
+    eprintln!(
+        "crash loop passed: {cycles} kills ({kills_before_ready} before ready, {cut_cycles} with the broker cut), \
+         {} acked, {records} records, {duplicates} duplicate copies, 0 lost, seed {seed}",
+        acked.len()
+    );
+}
