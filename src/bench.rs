@@ -11,8 +11,9 @@
 //!   each request by clientId on the reply topic) and devices sending at a
 //!   fixed rate; send-to-echo latency percentiles.
 //! - `idle`: N idle connections; the gateway's RSS per connection.
-//! - `drain`: watches a gateway's outbox drain (after a backlog was built
-//!   while its broker was unreachable): time and RSS curve.
+//! - `replay` (or `drain`): watches a gateway's outbox drain (after a
+//!   backlog was built while its broker was unreachable): time and RSS curve.
+//! - `plot`: draws saved result lines as an SVG (see `plot`).
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
@@ -46,7 +47,9 @@ usage: edgegate bench raw    --brokers LIST --topic T [--messages N] [--size BYT
        edgegate bench roundtrip --gateway ADDR --admin ADDR --brokers LIST --topic T --reply-topic T
                              [--partitions P] [--connections C] [--rate MSGS_PER_SEC] [--seconds S]
        edgegate bench idle   --gateway ADDR --pid PID [--connections N]
-       edgegate bench drain  --admin ADDR --pid PID";
+       edgegate bench replay --admin ADDR --pid PID    (alias: drain)
+       edgegate bench plot   --input RESULTS --output FILE.svg
+       edgegate bench report --input RESULTS [--profile PROFILE]   (Markdown on stdout)";
 
 /// Options shared by the modes, parsed from `--key value` pairs.
 pub struct Options {
@@ -67,6 +70,11 @@ pub struct Options {
     pub reply_topic: String,
     pub rate: u64,
     pub seconds: u64,
+    /// plot: the result lines to read and the SVG to write.
+    pub input: Option<String>,
+    pub output: Option<String>,
+    /// report: benches/profile.sh's output, if any.
+    pub profile: Option<String>,
 }
 
 impl Options {
@@ -88,6 +96,9 @@ impl Options {
             reply_topic: "workers_layer_messages".into(),
             rate: 5000,
             seconds: 10,
+            input: None,
+            output: None,
+            profile: None,
         };
         let bad = |e: lexopt::Error| BenchError::Usage(e.to_string());
         while let Some(arg) = args.next().map_err(bad)? {
@@ -121,6 +132,9 @@ impl Options {
                 "reply-topic" => o.reply_topic = value()?,
                 "rate" => o.rate = num(value()?)?.max(1),
                 "seconds" => o.seconds = num(value()?)?.max(1),
+                "input" => o.input = Some(value()?),
+                "output" => o.output = Some(value()?),
+                "profile" => o.profile = Some(value()?),
                 other => {
                     return Err(BenchError::Usage(format!(
                         "unknown option --{other}\n{USAGE}"
@@ -137,7 +151,9 @@ pub fn run(o: &Options) -> Result<(), BenchError> {
         "raw" => raw(o),
         "uplink" => uplink(o),
         "idle" => idle(o),
-        "drain" => drain(o),
+        "drain" | "replay" => drain(o),
+        "plot" => plot(o),
+        "report" => report(o),
         "roundtrip" => roundtrip(o),
         "help" => {
             println!("{USAGE}");
@@ -209,6 +225,7 @@ struct ConnResult {
 fn uplink(o: &Options) -> Result<(), BenchError> {
     let gateway = require(o.gateway, "gateway")?;
     let per_conn = o.messages.div_ceil(o.connections as u64);
+    let cpu_before = cpu_secs(std::process::id());
     let start = Instant::now();
     let progress = Arc::new(AtomicU64::new(0));
     let threads: Vec<_> = (0..o.connections)
@@ -242,6 +259,9 @@ fn uplink(o: &Options) -> Result<(), BenchError> {
         errors += r.errors;
     }
     let secs = start.elapsed().as_secs_f64();
+    let client_cpu = cpu_secs(std::process::id())
+        .zip(cpu_before)
+        .map(|(a, b)| a - b);
     let _ = reporter.join();
     latencies.sort_unstable();
     let pct = |p: f64| percentile_ms(&latencies, p);
@@ -252,7 +272,7 @@ fn uplink(o: &Options) -> Result<(), BenchError> {
         String::new()
     };
     println!(
-        "mode=uplink connections={} window={} size={} acked={} errors={errors} seconds={secs:.3} msgs_per_sec={:.0} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2}{verified}",
+        "mode=uplink connections={} window={} size={} acked={} errors={errors} seconds={secs:.3} msgs_per_sec={:.0} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2} client_cpu_secs={:.2}{verified}",
         o.connections,
         o.window,
         o.size,
@@ -261,6 +281,7 @@ fn uplink(o: &Options) -> Result<(), BenchError> {
         pct(0.50),
         pct(0.99),
         pct(0.999),
+        client_cpu.unwrap_or(f64::NAN),
     );
     Ok(())
 }
@@ -357,6 +378,17 @@ fn count_in_topic(
     Ok(total - want.len())
 }
 
+/// User plus system CPU seconds a process has used (Linux /proc; the
+/// kernel reports them in ticks of 1/100 s on every common platform).
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may itself hold spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -430,6 +462,35 @@ fn drain(o: &Options) -> Result<(), BenchError> {
         first as f64 / secs.max(0.001),
         curve.join(",")
     );
+    Ok(())
+}
+
+fn plot(o: &Options) -> Result<(), BenchError> {
+    let input = o
+        .input
+        .as_deref()
+        .ok_or_else(|| BenchError::Usage(format!("--input is required\n{USAGE}")))?;
+    let output = o
+        .output
+        .as_deref()
+        .ok_or_else(|| BenchError::Usage(format!("--output is required\n{USAGE}")))?;
+    let text = std::fs::read_to_string(input)?;
+    std::fs::write(output, crate::plot::svg(&text))?;
+    println!("mode=plot output={output}");
+    Ok(())
+}
+
+fn report(o: &Options) -> Result<(), BenchError> {
+    let input = o
+        .input
+        .as_deref()
+        .ok_or_else(|| BenchError::Usage(format!("--input is required\n{USAGE}")))?;
+    let results = std::fs::read_to_string(input)?;
+    let profile = match &o.profile {
+        Some(p) => std::fs::read_to_string(p).ok(),
+        None => None,
+    };
+    print!("{}", crate::report::markdown(&results, profile.as_deref()));
     Ok(())
 }
 

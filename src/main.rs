@@ -19,8 +19,10 @@ mod kafka;
 mod listener;
 mod metrics;
 mod outbox;
+mod plot;
 mod producer;
 mod protocol;
+mod report;
 mod router;
 mod signals;
 mod systemd;
@@ -59,7 +61,7 @@ them with RUST_LOG (e.g. RUST_LOG=debug or RUST_LOG=info,librdkafka=warn).
 enum Command {
     Run,
     CheckConfig,
-    Bench(bench::Options),
+    Bench(Box<bench::Options>),
     Device(String),
     Token {
         device_uid: String,
@@ -91,7 +93,7 @@ fn parse_args() -> Result<Option<(Command, Flags)>, lexopt::Error> {
                         let mode = parser.value()?.string()?;
                         let options = bench::Options::parse(mode, &mut parser)
                             .map_err(|e| lexopt::Error::Custom(Box::new(e)))?;
-                        return Ok(Some((Command::Bench(options), flags)));
+                        return Ok(Some((Command::Bench(Box::new(options)), flags)));
                     }
                     _ => return Err(lexopt::Error::UnexpectedArgument(v)),
                 });

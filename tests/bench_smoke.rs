@@ -147,3 +147,41 @@ fn roundtrip_mode_echoes_through_kafka_and_back() {
     assert_eq!(num(&r, "lost"), 0.0, "every request echoed back: {r:?}");
     assert!(num(&r, "p99_ms") >= num(&r, "p50_ms"));
 }
+
+#[test]
+fn plot_and_report_modes_render_result_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let results = dir.path().join("results.txt");
+    std::fs::write(
+        &results,
+        "mode=machine cores=2 arch=x86_64 cpu=smoke date=now\n\
+         phase=ratio mode=raw messages=10 size=200 seconds=1 msgs_per_sec=1000\n\
+         phase=ratio mode=uplink connections=5 window=4 size=200 acked=10 errors=0 seconds=1 msgs_per_sec=700 p50_ms=1 p99_ms=2 p999_ms=3 client_cpu_secs=0.1 verified=10 missing=0 gateway_cpu_secs=0.2 broker_cpu_secs=0.3\n\
+         mode=drain records=10 seconds=1 msgs_per_sec=10 peak_rss_kib=2048 curve=0.00:10:1024,1.00:0:2048\n",
+    )
+    .unwrap();
+    let svg = dir.path().join("results.svg");
+    let r = bench(&[
+        "plot",
+        "--input",
+        results.to_str().unwrap(),
+        "--output",
+        svg.to_str().unwrap(),
+    ]);
+    assert_eq!(r["mode"], "plot");
+    let drawn = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        drawn.starts_with("<svg") && drawn.contains("<polyline"),
+        "{drawn}"
+    );
+
+    let out = command()
+        .args(["bench", "report", "--input"])
+        .arg(&results)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let md = String::from_utf8(out.stdout).unwrap();
+    assert!(md.contains("| 1 | 1,000 | 700 | 70% |"), "{md}");
+    assert!(md.contains("## Replay"), "{md}");
+}

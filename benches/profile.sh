@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Instruction counts of the uplink path, which stay the same on a noisy
+# machine (callgrind counts instructions, not time):
+#   benches/profile.sh
+# Runs the gateway under callgrind twice, for N1 and N2 messages from 10
+# connections, against a tansu broker; the difference divided by N2 - N1 is
+# what one message costs the gateway (its own code and librdkafka's, without
+# start-up and shutdown). The raw librdkafka producer is measured the same
+# way. Writes key=value lines and the top functions to benches/profile.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+n1="${N1:-20000}"
+n2="${N2:-60000}"
+.ci/install-tansu.sh
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
+# The release profile with symbols, in a target directory of its own.
+CARGO_TARGET_DIR=target/profiling CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
+  cargo build --release --locked >&2
+bin="$PWD/target/profiling/release/edgegate"
+out="$PWD/benches/profile.txt"
+work=$(mktemp -d)
+cleanup() { xargs -r kill 2>/dev/null <"$work/pids" || true; rm -rf "$work"; }
+touch "$work/pids"
+trap cleanup EXIT
+
+broker=127.0.0.1:21192
+(cd "$work" && exec tansu broker --listener-url "tcp://$broker" --advertised-listener-url "tcp://$broker" \
+  --storage-engine memory://tansu/ >tansu.log 2>&1) &
+echo $! >>"$work/pids"
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/${broker%:*}/${broker#*:}") 2>/dev/null && break; sleep 0.1; done
+tansu topic create prof_up --broker "tcp://$broker" --partitions 3 >/dev/null
+tansu topic create prof_raw --broker "tcp://$broker" --partitions 3 >/dev/null
+
+total_ir() { callgrind_annotate "$1" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }'; }
+
+gateway_ir() { # MESSAGES -> total instructions of a gateway that took them
+  local n=$1 cg="$work/gw-$1.cg"
+  valgrind --tool=callgrind --callgrind-out-file="$cg" "$bin" --brokers "$broker" \
+    --listen 127.0.0.1:21400 --admin-listen 127.0.0.1:21480 --data-dir "$work/data-$n" \
+    >/dev/null 2>"$work/gw-$n.log" &
+  local pid=$!
+  echo $pid >>"$work/pids"
+  for _ in $(seq 600); do curl -sf http://127.0.0.1:21480/readyz >/dev/null && break; sleep 0.1; done
+  EDGEGATE_KAFKA_PRODUCER_TOPIC=prof_up "$bin" bench uplink --gateway 127.0.0.1:21400 --brokers "$broker" \
+    --topic prof_up --partitions 3 --connections 10 --window 64 --messages "$n" 2>/dev/null >"$work/uplink-$n"
+  # Everything delivered to Kafka before the stop, so both runs do the same.
+  for _ in $(seq 600); do
+    [ "$(curl -s http://127.0.0.1:21480/metrics | awk '$1=="edgegate_outbox_records"{print $2}')" = "0" ] && break
+    sleep 0.1
+  done
+  kill -TERM $pid; wait $pid || true
+  total_ir "$cg"
+}
+
+raw_ir() {
+  local n=$1 cg="$work/raw-$1.cg"
+  valgrind --tool=callgrind --callgrind-out-file="$cg" "$bin" bench raw --brokers "$broker" \
+    --topic prof_raw --messages "$n" >/dev/null 2>&1
+  total_ir "$cg"
+}
+
+export EDGEGATE_KAFKA_PRODUCER_TOPIC=prof_up
+g1=$(gateway_ir "$n1"); g2=$(gateway_ir "$n2")
+r1=$(raw_ir "$n1"); r2=$(raw_ir "$n2")
+per_gw=$(( (g2 - g1) / (n2 - n1) ))
+per_raw=$(( (r2 - r1) / (n2 - n1) ))
+{
+  echo "mode=profile n1=$n1 n2=$n2 gateway_ir_n1=$g1 gateway_ir_n2=$g2 raw_ir_n1=$r1 raw_ir_n2=$r2 gateway_instructions_per_message=$per_gw raw_instructions_per_message=$per_raw"
+  grep -h "verified" "$work/uplink-$n2" | sed 's/^/# uplink under callgrind: /'
+  echo "# top functions of the gateway by own instructions, $n2 messages (callgrind_annotate):"
+  callgrind_annotate --threshold=90 "$work/gw-$n2.cg" 2>/dev/null | sed -n '/file:function/,$p' | head -n 22 \
+    | sed 's/^/# /'
+} | tee "$out"
