@@ -15,6 +15,7 @@ mod connection;
 mod consumer;
 mod device;
 mod frame;
+mod ids;
 mod kafka;
 mod listener;
 mod metrics;
