@@ -8,7 +8,8 @@
 #     alternated ROUNDS times (default 3) so that the ratio is fair, with the
 #     CPU seconds of gateway, broker and load client during each uplink run;
 #   - uplink at 1, 10, 50, 200 and 1000 connections (the plot);
-#   - round trip device -> Kafka -> echo worker -> device at 5,000 msgs/s;
+#   - round trip device -> Kafka -> echo worker -> device at 5,000 msgs/s,
+#     and one hop through the broker alone at the same rate (its floor);
 #   - idle connections: RSS per connection at 10,000 connections;
 #   - replay of a 1,000,000-message backlog built while Kafka was unreachable
 #     (REPLAY=N to change), time and RSS curve;
@@ -41,7 +42,7 @@ broker=127.0.0.1:21092
 tansu_pid=$!
 echo $tansu_pid >>"$work/pids"
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/${broker%:*}/${broker#*:}") 2>/dev/null && break; sleep 0.1; done
-for t in bench_raw bench_up bench_down bench_replay rt_up rt_down; do
+for t in bench_raw bench_up bench_down bench_replay rt_up rt_down hop; do
   tansu topic create "$t" --broker "tcp://$broker" --partitions 3 >/dev/null
 done
 
@@ -72,6 +73,18 @@ for i in $(seq "$rounds"); do
     --connections 50 --window 64 --messages 400000 2>/dev/null)
   record "phase=ratio $line gateway_cpu_secs=$(awk "BEGIN{print $(cpu "$gw") - $g0}") broker_cpu_secs=$(awk "BEGIN{print $(cpu "$tansu_pid") - $b0}")"
 done
+# The binary the .deb ships is static, with musl's allocator instead of
+# glibc's: one more uplink run with it, if the cross build is there.
+musl_bin=/var/cache/edgegate-cross/target/x86_64-unknown-linux-musl/release/edgegate
+if [ -x "$musl_bin" ]; then
+  echo "uplink through the static musl build" >&2
+  kill "$gw"; while kill -0 "$gw" 2>/dev/null; do sleep 0.05; done
+  gw=$(bin="$musl_bin" gateway musl 127.0.0.1:21300 127.0.0.1:21380 "$broker")
+  record "phase=musl $("$bin" bench uplink --gateway 127.0.0.1:21300 --brokers "$broker" --topic bench_up \
+    --partitions 3 --connections 50 --window 64 --messages 400000 2>/dev/null)"
+  kill "$gw"; while kill -0 "$gw" 2>/dev/null; do sleep 0.05; done
+  gw=$(gateway main2 127.0.0.1:21300 127.0.0.1:21380 "$broker")
+fi
 for c in $sweep; do
   echo "sweep: $c connections" >&2
   record "phase=sweep $("$bin" bench uplink --gateway 127.0.0.1:21300 --brokers "$broker" --topic bench_up \
@@ -85,6 +98,8 @@ rt=$(gateway rt 127.0.0.1:21303 127.0.0.1:21383 "$broker" EDGEGATE_KAFKA_PRODUCE
 record "$("$bin" bench roundtrip --gateway 127.0.0.1:21303 --admin 127.0.0.1:21383 --brokers "$broker" \
   --topic rt_up --reply-topic rt_down --partitions 3 --connections 50 --rate 5000 --seconds 10 2>/dev/null)"
 kill "$rt"
+# The floor under the round trip: one hop through the broker alone.
+record "$("$bin" bench hop --brokers "$broker" --topic hop --partitions 3 --rate 5000 --seconds 10 2>/dev/null)"
 
 echo "footprint" >&2
 ready_ms=()

@@ -10,6 +10,9 @@
 //! - `roundtrip`: an in-process echo worker (reads the uplink topic, answers
 //!   each request by clientId on the reply topic) and devices sending at a
 //!   fixed rate; send-to-echo latency percentiles.
+//! - `hop`: one trip through the broker alone (a producer with no linger to
+//!   a consumer with the echo worker's settings), at a fixed rate: the
+//!   floor under each of the round trip's two Kafka hops.
 //! - `idle`: N idle connections; the gateway's RSS per connection.
 //! - `replay` (or `drain`): watches a gateway's outbox drain (after a
 //!   backlog was built while its broker was unreachable): time and RSS curve.
@@ -46,6 +49,7 @@ usage: edgegate bench raw    --brokers LIST --topic T [--messages N] [--size BYT
                              [--connections C] [--window W] [--messages N] [--size BYTES] [--no-verify]
        edgegate bench roundtrip --gateway ADDR --admin ADDR --brokers LIST --topic T --reply-topic T
                              [--partitions P] [--connections C] [--rate MSGS_PER_SEC] [--seconds S]
+       edgegate bench hop    --brokers LIST --topic EMPTY_TOPIC [--partitions P] [--rate MSGS_PER_SEC] [--seconds S]
        edgegate bench idle   --gateway ADDR --pid PID [--connections N]
        edgegate bench replay --admin ADDR --pid PID    (alias: drain)
        edgegate bench plot   --input RESULTS --output FILE.svg
@@ -155,6 +159,7 @@ pub fn run(o: &Options) -> Result<(), BenchError> {
         "plot" => plot(o),
         "report" => report(o),
         "roundtrip" => roundtrip(o),
+        "hop" => hop(o),
         "help" => {
             println!("{USAGE}");
             Ok(())
@@ -516,15 +521,19 @@ fn roundtrip(o: &Options) -> Result<(), BenchError> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let stop = Arc::new(AtomicBool::new(false));
+    // When the worker saw each request: splits the round trip into the way
+    // up (device to worker) and the way down (worker to device).
+    let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let worker = {
-        let (brokers, topic, reply, partitions, stop) = (
+        let (brokers, topic, reply, partitions, stop, seen) = (
             o.brokers.clone(),
             o.topic.clone(),
             o.reply_topic.clone(),
             o.partitions,
             stop.clone(),
+            seen.clone(),
         );
-        std::thread::spawn(move || echo_worker(&brokers, &topic, &reply, partitions, &stop))
+        std::thread::spawn(move || echo_worker(&brokers, &topic, &reply, partitions, &stop, &seen))
     };
     // Let the worker resolve its start offsets (it reads from the end).
     std::thread::sleep(Duration::from_secs(2));
@@ -558,9 +567,11 @@ fn roundtrip(o: &Options) -> Result<(), BenchError> {
                 }
                 Ok(n)
             });
+            let seen = seen.clone();
             let recv = std::thread::spawn(move || {
                 let mut reader = BufReader::new(stream);
                 let mut latencies = Vec::new();
+                let (mut ups, mut downs) = (Vec::new(), Vec::new());
                 let mut line = String::new();
                 let quiet_until = start + sending + Duration::from_secs(5);
                 while Instant::now() < quiet_until {
@@ -571,9 +582,14 @@ fn roundtrip(o: &Options) -> Result<(), BenchError> {
                             if let Some(uid) = extract(&line, "\"uid\":\"") {
                                 let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
                                 if let Some(at) = sent.remove(uid) {
-                                    latencies
-                                            .push(at.elapsed().as_micros().min(u32::MAX as u128)
-                                                as u32);
+                                    let now = Instant::now();
+                                    latencies.push(micros(now - at));
+                                    let worker_at =
+                                        seen.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
+                                    if let Some(w) = worker_at {
+                                        ups.push(micros(w.saturating_duration_since(at)));
+                                        downs.push(micros(now.saturating_duration_since(w)));
+                                    }
                                 }
                                 if sent.is_empty() && start.elapsed() >= sending {
                                     break;
@@ -583,27 +599,31 @@ fn roundtrip(o: &Options) -> Result<(), BenchError> {
                         _ => {}
                     }
                 }
-                latencies
+                (latencies, ups, downs)
             });
             Ok((send, recv))
         })
         .collect::<Result<_, _>>()?;
-    let (mut total, mut latencies) = (0u64, Vec::new());
+    let (mut total, mut latencies, mut ups, mut downs) = (0u64, Vec::new(), Vec::new(), Vec::new());
     for (send, recv) in threads {
         total += send
             .join()
             .map_err(|_| BenchError::Failed("a sender panicked".into()))??;
-        latencies.extend(
-            recv.join()
-                .map_err(|_| BenchError::Failed("a reader panicked".into()))?,
-        );
+        let (l, u, d) = recv
+            .join()
+            .map_err(|_| BenchError::Failed("a reader panicked".into()))?;
+        latencies.extend(l);
+        ups.extend(u);
+        downs.extend(d);
     }
+    ups.sort_unstable();
+    downs.sort_unstable();
     stop.store(true, Relaxed);
     let _ = worker.join();
     latencies.sort_unstable();
     let pct = |p: f64| percentile_ms(&latencies, p);
     println!(
-        "mode=roundtrip connections={} rate={} seconds={} sent={total} echoed={} lost={} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2}",
+        "mode=roundtrip connections={} rate={} seconds={} sent={total} echoed={} lost={} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2} up_p50_ms={:.2} up_p99_ms={:.2} down_p50_ms={:.2} down_p99_ms={:.2}",
         o.connections,
         o.rate,
         o.seconds,
@@ -612,8 +632,85 @@ fn roundtrip(o: &Options) -> Result<(), BenchError> {
         pct(0.50),
         pct(0.99),
         pct(0.999),
+        percentile_ms(&ups, 0.50),
+        percentile_ms(&ups, 0.99),
+        percentile_ms(&downs, 0.50),
+        percentile_ms(&downs, 0.99),
     );
     Ok(())
+}
+
+fn hop(o: &Options) -> Result<(), BenchError> {
+    use rdkafka::producer::{BaseProducer, BaseRecord as Record};
+    // From the beginning of a topic that must be empty: some brokers report
+    // the end of a partition wrongly, which would skew every sample.
+    let consumer = reader(
+        &o.brokers,
+        &o.topic,
+        o.partitions,
+        rdkafka::Offset::Beginning,
+    )?;
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &o.brokers)
+        .set("linger.ms", "1")
+        .create()?;
+    // Let the consumer resolve its start offsets before anything is sent.
+    let settle = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < settle {
+        let _ = consumer.poll(Duration::from_millis(50));
+    }
+    let start = Instant::now();
+    let sending = Duration::from_secs(o.seconds);
+    let (rate, topic) = (o.rate, o.topic.clone());
+    let sender = std::thread::spawn(move || {
+        let mut sent = 0u64;
+        while start.elapsed() < sending {
+            let due = start + Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let stamp = (start.elapsed().as_micros() as u64).to_string();
+            let mut record = Record::<(), str>::to(&topic).payload(&stamp);
+            while let Err((_, back)) = producer.send(record) {
+                record = back;
+                producer.poll(Duration::from_millis(1));
+            }
+            producer.poll(Duration::ZERO);
+            sent += 1;
+        }
+        let _ = producer.flush(Duration::from_secs(5));
+        sent
+    });
+    let mut latencies = Vec::new();
+    while start.elapsed() < sending + Duration::from_secs(3) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) {
+            let stamp = std::str::from_utf8(m.payload().unwrap_or_default())
+                .ok()
+                .and_then(|t| t.parse::<u64>().ok());
+            if let Some(at) = stamp {
+                let now = start.elapsed().as_micros() as u64;
+                latencies.push(now.saturating_sub(at).min(u64::from(u32::MAX)) as u32);
+            }
+        }
+    }
+    let sent = sender
+        .join()
+        .map_err(|_| BenchError::Failed("the sender panicked".into()))?;
+    latencies.sort_unstable();
+    println!(
+        "mode=hop rate={} seconds={} sent={sent} received={} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2}",
+        o.rate,
+        o.seconds,
+        latencies.len(),
+        percentile_ms(&latencies, 0.50),
+        percentile_ms(&latencies, 0.99),
+        percentile_ms(&latencies, 0.999),
+    );
+    Ok(())
+}
+
+fn micros(d: Duration) -> u32 {
+    d.as_micros().min(u128::from(u32::MAX)) as u32
 }
 
 /// A backend worker: answers every ServerRequest with an echo to its clientId.
@@ -623,6 +720,7 @@ fn echo_worker(
     reply: &str,
     partitions: i32,
     stop: &std::sync::atomic::AtomicBool,
+    seen: &std::sync::Mutex<std::collections::HashMap<String, Instant>>,
 ) -> Result<(), BenchError> {
     use rdkafka::producer::{BaseProducer, BaseRecord as Record};
     let consumer = reader(brokers, topic, partitions, rdkafka::Offset::End)?;
@@ -642,6 +740,9 @@ fn echo_worker(
         ) else {
             continue;
         };
+        seen.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid.to_owned(), Instant::now());
         let answer = format!(
             "{{\"deviceResponse\":{{\"action\":\"echo\",\"uid\":\"{uid}\",\"status\":\"ok\"}},\"clientId\":\"{client}\"}}"
         );

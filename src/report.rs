@@ -128,6 +128,18 @@ pub fn markdown(results: &str, profile: Option<&str>) -> String {
         let _ = up;
     }
 
+    if let Some(f) = find(Some("musl"), "uplink").first() {
+        let _ = writeln!(
+            w,
+            "The static musl binary that the .deb ships (musl's allocator instead of glibc's), same run, one round: {} msgs/s, ack p99 {} ms ({:.0}% of the mean raw rate).\n",
+            thousands(get(f, "msgs_per_sec").unwrap_or(0.0)),
+            text(f, "p99_ms"),
+            get(f, "msgs_per_sec").unwrap_or(0.0)
+                / mean(&raws.iter().filter_map(|r| get(r, "msgs_per_sec")).collect::<Vec<_>>()).max(1.0)
+                * 100.0
+        );
+    }
+
     // ---- sweep ----
     let sweep = find(Some("sweep"), "uplink");
     if !sweep.is_empty() {
@@ -163,6 +175,20 @@ pub fn markdown(results: &str, profile: Option<&str>) -> String {
             text(f, "p50_ms"),
             text(f, "p99_ms"),
             text(f, "p999_ms"),
+        );
+    }
+
+    if let (Some(f), Some(h)) = (rt.first(), find(None, "hop").first()) {
+        let _ = writeln!(
+            w,
+            "Where the time goes: the way up (device to worker) took p50 {} / p99 {} ms, the way down (worker to device) p50 {} / p99 {} ms. One hop through the broker alone (`edgegate bench hop`: a producer with 1 ms linger to a consumer polling like the worker, {} msgs/s, no gateway) takes p50 {} / p99 {} ms here, and a round trip crosses the broker twice.\n",
+            text(f, "up_p50_ms"),
+            text(f, "up_p99_ms"),
+            text(f, "down_p50_ms"),
+            text(f, "down_p99_ms"),
+            text(h, "rate"),
+            text(h, "p50_ms"),
+            text(h, "p99_ms"),
         );
     }
 

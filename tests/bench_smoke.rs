@@ -146,6 +146,32 @@ fn roundtrip_mode_echoes_through_kafka_and_back() {
     assert!(num(&r, "sent") >= 300.0, "{r:?}");
     assert_eq!(num(&r, "lost"), 0.0, "every request echoed back: {r:?}");
     assert!(num(&r, "p99_ms") >= num(&r, "p50_ms"));
+    // The two halves were measured for the echoed requests.
+    assert!(
+        num(&r, "up_p50_ms") > 0.0 && num(&r, "down_p50_ms") > 0.0,
+        "{r:?}"
+    );
+}
+
+#[test]
+fn hop_mode_measures_one_trip_through_the_broker() {
+    let broker = shared_broker();
+    let topic = unique("hop");
+    broker.create_topic(&topic, 1);
+    let r = bench(&[
+        "hop",
+        "--brokers",
+        &broker.addr(),
+        "--topic",
+        &topic,
+        "--rate",
+        "200",
+        "--seconds",
+        "1",
+    ]);
+    assert!(num(&r, "sent") >= 150.0, "{r:?}");
+    assert_eq!(num(&r, "received"), num(&r, "sent"), "{r:?}");
+    assert!(num(&r, "p99_ms") >= num(&r, "p50_ms"));
 }
 
 #[test]
