@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
+};
 use rdkafka::statistics::Statistics;
 use rdkafka::ClientContext;
 use smol::channel::{self, Receiver, Sender};
@@ -36,6 +38,11 @@ use crate::outbox::{Batch, Store};
 const MAX_IN_FLIGHT: usize = 20_000;
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Failed resends in a row, with nothing confirmed in between, after which
+/// the producer is replaced. A broker that restarted without its producer
+/// state refuses the old producer id's sequence for good (seen on tansu as
+/// "Unknown broker error" forever); a new producer gets a new id.
+const RECREATE_AFTER_FAILURES: u32 = 3;
 /// Removals are persisted at least this often even without new appends.
 const REMOVAL_FLUSH_EVERY: Duration = Duration::from_secs(1);
 
@@ -162,6 +169,7 @@ impl Pipeline {
     /// Runs until `stop` is set and the doorbell closes or rings.
     pub async fn run(mut self, doorbell: Receiver<()>, stop: Arc<AtomicBool>) {
         let mut backoff = RETRY_MIN;
+        let mut failures_in_a_row = 0u32;
         let mut removed_since_flush = false;
         let mut last_flush = Instant::now();
         loop {
@@ -193,10 +201,19 @@ impl Pipeline {
             while let Ok(report) = self.reports.try_recv() {
                 failed |= self.record(report);
             }
-            removed_since_flush |= self.remove_delivered();
+            let progress = self.remove_delivered();
+            if progress {
+                failures_in_a_row = 0;
+            }
+            removed_since_flush |= progress;
             if failed || self.in_flight.iter().any(|b| b.failed) {
                 if self.in_flight.iter().all(|b| b.remaining == 0) {
-                    self.rewind(backoff).await;
+                    failures_in_a_row += 1;
+                    self.rewind(backoff, failures_in_a_row >= RECREATE_AFTER_FAILURES)
+                        .await;
+                    if failures_in_a_row >= RECREATE_AFTER_FAILURES {
+                        failures_in_a_row = 0;
+                    }
                     backoff = (backoff * 2).min(RETRY_MAX);
                 }
             } else if !self.in_flight.is_empty() {
@@ -340,18 +357,33 @@ impl Pipeline {
     }
 
     /// After a failure: resend from the first unconfirmed batch, with a fresh
-    /// producer if librdkafka says the old one cannot go on.
-    async fn rewind(&mut self, backoff: Duration) {
+    /// producer if librdkafka says the old one cannot go on or `renew` asks.
+    async fn rewind(&mut self, backoff: Duration, renew: bool) {
         let Some(first) = self.in_flight.front() else {
             return;
         };
         self.cursor = first.seq;
         self.in_flight.clear();
         self.in_flight_msgs = 0;
-        if let Some(fatal) = self.producer.client().fatal_error() {
-            log::error!("the Kafka producer failed fatally ({fatal:?}); creating a new one");
+        let fatal = self.producer.client().fatal_error();
+        if fatal.is_some() || renew {
+            match &fatal {
+                Some(f) => {
+                    log::error!("the Kafka producer failed fatally ({f:?}); creating a new one")
+                }
+                None => {
+                    log::warn!("Kafka keeps refusing the same requests; creating a new producer")
+                }
+            }
             match create(&self.config, self.reports_tx.clone(), self.metrics.clone()) {
-                Ok(p) => self.producer = p,
+                Ok(p) => {
+                    let old = std::mem::replace(&mut self.producer, p);
+                    // Nothing of the old one may be waited for: its messages
+                    // are sent again by the new one. Dropped off the executor,
+                    // since librdkafka's teardown blocks.
+                    old.purge(PurgeConfig::default().queue().inflight());
+                    smol::unblock(move || drop(old)).detach();
+                }
                 Err(e) => log::error!("{e}"),
             }
         }

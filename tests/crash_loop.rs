@@ -10,8 +10,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -36,42 +34,6 @@ impl Rng {
     }
 }
 
-/// One device: sends seq n until it is acked, then n + 1; reconnects after
-/// any failure and sends the unacknowledged seq again (a new messageId).
-fn device_loop(port: u16, name: String, stop: Arc<AtomicBool>, acked: Arc<Mutex<Vec<Acked>>>) {
-    let mut seq = 0u64;
-    while !stop.load(Ordering::SeqCst) {
-        let Ok(stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-            thread::sleep(Duration::from_millis(20));
-            continue;
-        };
-        let mut d = Device::wrap(stream);
-        d.set_timeout(Duration::from_secs(3));
-        while !stop.load(Ordering::SeqCst) {
-            let frame = format!(
-                "{{\"action\":\"seq\",\"uid\":\"{seq}\",\"deviceUid\":\"{name}\",\"data\":{seq}}}\n"
-            );
-            if std::io::Write::write_all(&mut d.stream, frame.as_bytes()).is_err() {
-                break;
-            }
-            let Some(line) = d.line() else { break };
-            let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if reply["action"] == "ack" {
-                assert_eq!(reply["uid"], seq.to_string(), "{name}: reply out of order");
-                acked
-                    .lock()
-                    .unwrap()
-                    .push((ack_id(&reply), seq, name.clone()));
-                seq += 1;
-            } else {
-                // shutting_down or outbox_full: nothing stored, send again.
-                assert_eq!(reply["action"], "error", "{line}");
-                thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-}
-
 #[test]
 fn random_kills_lose_nothing_acknowledged() {
     let cycles: usize = std::env::var("EDGEGATE_CRASH_CYCLES")
@@ -91,14 +53,7 @@ fn random_kills_lose_nothing_acknowledged() {
     let broker = Broker::start();
     let (up, down) = broker.fresh_topics(2, 1);
     let mut gw = Gateway::start(GatewayOptions::new(broker.addr()).topics(&up, &down));
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
-    let devices: Vec<_> = (0..DEVICES)
-        .map(|i| {
-            let (stop, acked, port) = (stop.clone(), acked.clone(), gw.port);
-            thread::spawn(move || device_loop(port, format!("dev-{i}"), stop, acked))
-        })
-        .collect();
+    let load = Load::start(gw.port, DEVICES);
 
     let (mut cut_cycles, mut kills_before_ready) = (0, 0);
     for cycle in 0..cycles {
@@ -122,20 +77,13 @@ fn random_kills_lose_nothing_acknowledged() {
             broker.proxy.restore();
         }
         if cycle % 10 == 9 {
-            eprintln!(
-                "cycle {}: {} acked so far",
-                cycle + 1,
-                acked.lock().unwrap().len()
-            );
+            eprintln!("cycle {}: {} acked so far", cycle + 1, load.acked_count());
         }
     }
     // Let the last gateway come up, take some traffic, and drain.
     gw.wait_ready();
     thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::SeqCst);
-    for d in devices {
-        d.join().expect("device thread");
-    }
+    let acked = load.stop();
     let deadline = Instant::now() + Duration::from_secs(120);
     while gw.metric("edgegate_outbox_records") != 0.0 {
         assert!(
@@ -145,7 +93,6 @@ fn random_kills_lose_nothing_acknowledged() {
         );
         thread::sleep(Duration::from_millis(100));
     }
-    let acked = acked.lock().unwrap().clone();
     assert!(
         acked.len() > cycles,
         "too little traffic to mean anything: {}",

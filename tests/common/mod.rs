@@ -129,6 +129,37 @@ pub struct Broker {
     child: Child,
     pub proxy: Proxy,
     _dir: tempfile::TempDir,
+    port: u16,
+    storage: String,
+}
+
+/// tansu runs under a small shell that kills it when our end of its stdin
+/// closes, so a broker outlives no test process (a shared broker in a
+/// static is never dropped).
+fn spawn_tansu(dir: &Path, port: u16, advertised_port: u16, storage: &str) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("tansu.log"))
+        .unwrap();
+    Command::new("sh")
+        .arg("-c")
+        .arg("\"$0\" \"$@\" </dev/null & child=$!; read _; kill $child; wait $child")
+        .arg(tansu_bin())
+        .arg("broker")
+        .arg("--listener-url")
+        .arg(format!("tcp://127.0.0.1:{port}"))
+        .arg("--advertised-listener-url")
+        .arg(format!("tcp://127.0.0.1:{advertised_port}"))
+        .arg("--storage-engine")
+        .arg(storage)
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("starting tansu (run .ci/install-tansu.sh to install it)")
 }
 
 pub fn tansu_bin() -> PathBuf {
@@ -145,43 +176,49 @@ pub fn tansu_bin() -> PathBuf {
 }
 
 impl Broker {
+    /// A broker with memory storage: fast, gone when it stops.
     pub fn start() -> Broker {
+        Broker::start_with("memory://tansu/")
+    }
+
+    /// A broker with SQLite storage in its directory, which survives
+    /// [`Broker::restart`].
+    pub fn start_persistent() -> Broker {
+        Broker::start_with("sqlite://tansu.db")
+    }
+
+    fn start_with(storage: &str) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let proxy = Proxy::start(port);
-        let log = std::fs::File::create(dir.path().join("tansu.log")).unwrap();
-        // tansu runs under a small shell that kills it when our end of its
-        // stdin closes, so a broker outlives no test process (a shared
-        // broker in a static is never dropped).
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg("\"$0\" \"$@\" </dev/null & child=$!; read _; kill $child; wait $child")
-            .arg(tansu_bin())
-            .arg("broker")
-            .arg("--listener-url")
-            .arg(format!("tcp://127.0.0.1:{port}"))
-            .arg("--advertised-listener-url")
-            .arg(format!("tcp://127.0.0.1:{}", proxy.port))
-            .arg("--storage-engine")
-            .arg("memory://tansu/")
-            .current_dir(dir.path())
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting tansu (run .ci/install-tansu.sh to install it)");
+        let child = spawn_tansu(dir.path(), port, proxy.port, storage);
         let broker = Broker {
             child,
             proxy,
             _dir: dir,
+            port,
+            storage: storage.to_owned(),
         };
+        broker.wait_listening();
+        broker
+    }
+
+    fn wait_listening(&self) {
         let deadline = Instant::now() + WAIT;
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(Instant::now() < deadline, "tansu did not start listening");
             std::thread::sleep(Duration::from_millis(50));
         }
-        broker
+    }
+
+    /// Stops the broker process and starts it again on the same port and
+    /// storage (the proxy stays, so clients see one broker going away).
+    pub fn restart(&mut self, down_for: Duration) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+        std::thread::sleep(down_for);
+        self.child = spawn_tansu(self._dir.path(), self.port, self.proxy.port, &self.storage);
+        self.wait_listening();
     }
 
     /// The address clients use (the proxy's).
@@ -700,6 +737,87 @@ pub fn fresh_source() -> std::net::Ipv4Addr {
     static NEXT: AtomicU16 = AtomicU16::new(1);
     let n = NEXT.fetch_add(1, Ordering::SeqCst);
     std::net::Ipv4Addr::new(127, 77, (n >> 8) as u8, n as u8)
+}
+
+/// A device that sends seq n until it is acked, then n + 1, and records
+/// every ack; it reconnects after any failure and sends the unacknowledged
+/// seq again (a new messageId), until `stop`.
+pub fn stream_numbered(
+    port: u16,
+    name: String,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<Acked>>>,
+) {
+    let mut seq = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let Ok(stream) = TcpStream::connect(("127.0.0.1", port)) else {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        let mut d = Device::wrap(stream);
+        d.set_timeout(Duration::from_secs(3));
+        while !stop.load(Ordering::SeqCst) {
+            let frame = format!(
+                "{{\"action\":\"seq\",\"uid\":\"{seq}\",\"deviceUid\":\"{name}\",\"data\":{seq}}}\n"
+            );
+            if d.stream.write_all(frame.as_bytes()).is_err() {
+                break;
+            }
+            let Some(line) = d.line() else { break };
+            let reply: Value = serde_json::from_str(&line).unwrap();
+            if reply["action"] == "ack" {
+                assert_eq!(reply["uid"], seq.to_string(), "{name}: reply out of order");
+                acked
+                    .lock()
+                    .unwrap()
+                    .push((ack_id(&reply), seq, name.clone()));
+                seq += 1;
+            } else {
+                // shutting_down or outbox_full: nothing stored, send again.
+                assert_eq!(reply["action"], "error", "{line}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// `n` devices running [`stream_numbered`] against `port`.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    pub acked: Arc<Mutex<Vec<Acked>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(port: u16, devices: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
+        let threads = (0..devices)
+            .map(|i| {
+                let (stop, acked) = (stop.clone(), acked.clone());
+                std::thread::spawn(move || stream_numbered(port, format!("dev-{i}"), stop, acked))
+            })
+            .collect();
+        Load {
+            stop,
+            acked,
+            threads,
+        }
+    }
+
+    pub fn acked_count(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Stops the devices and returns every ack they got.
+    pub fn stop(self) -> Vec<Acked> {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            t.join().expect("device thread");
+        }
+        let acked = self.acked.lock().unwrap().clone();
+        acked
+    }
 }
 
 /// One acknowledged request: (messageId, the device's sequence number, deviceUid).
