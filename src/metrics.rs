@@ -37,6 +37,8 @@ pub struct Metrics {
     pub downlink_received: AtomicU64,
     pub downlink_routed: AtomicU64,
     pub downlink_undeliverable: AtomicU64,
+    pub downlink_held: AtomicU64,
+    pub downlink_held_released: AtomicU64,
     pub downlink_other_server: AtomicU64,
     pub downlink_malformed: AtomicU64,
     pub downlink_consumer_errors: AtomicU64,
@@ -211,8 +213,18 @@ impl Metrics {
         );
         counter(
             "edgegate_downlink_undeliverable_total",
-            "Backend messages for a device that is not connected here.",
+            "Backend messages that reached no device: no such connection, or held too long.",
             get(&self.downlink_undeliverable),
+        );
+        counter(
+            "edgegate_downlink_held_total",
+            "Backend messages held for a device that was not connected (up to 60 s).",
+            get(&self.downlink_held),
+        );
+        counter(
+            "edgegate_downlink_held_released_total",
+            "Held messages handed to their device once it connected and was bound.",
+            get(&self.downlink_held_released),
         );
         counter(
             "edgegate_downlink_other_server_total",

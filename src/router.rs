@@ -11,6 +11,7 @@ use std::net::Shutdown;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
 
 use smol::Async;
 use uuid::Uuid;
@@ -104,12 +105,84 @@ struct Conn {
 struct Tables {
     clients: HashMap<Uuid, Conn>,
     devices: HashMap<Arc<str>, Uuid>,
+    held: Held,
+}
+
+/// How long a message for a device that is not connected is held for it.
+/// Long enough for devices to reconnect after a gateway restart (which
+/// reads what the backend sent meanwhile) or a network blip.
+pub const HOLD_FOR: Duration = Duration::from_secs(60);
+/// Held messages at most, over all devices; past it the oldest go.
+pub const HOLD_MAX: usize = 10_000;
+
+/// Messages for devices not connected here, by deviceUid, oldest first.
+#[derive(Default)]
+struct Held {
+    by_device: HashMap<Arc<str>, VecDeque<Vec<u8>>>,
+    /// Arrival order over all devices, for expiry and the cap.
+    order: VecDeque<(Instant, Arc<str>)>,
+}
+
+impl Held {
+    fn hold(&mut self, device: &str, line: Vec<u8>, now: Instant) -> usize {
+        let device: Arc<str> = match self.by_device.get_key_value(device) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(device),
+        };
+        self.by_device
+            .entry(device.clone())
+            .or_default()
+            .push_back(line);
+        self.order.push_back((now, device));
+        let mut dropped = 0;
+        while self.order.len() > HOLD_MAX {
+            dropped += self.drop_oldest();
+        }
+        dropped + self.expire(now)
+    }
+
+    /// Drops what has waited longer than [`HOLD_FOR`]; returns how many.
+    fn expire(&mut self, now: Instant) -> usize {
+        let mut dropped = 0;
+        while self
+            .order
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) >= HOLD_FOR)
+        {
+            dropped += self.drop_oldest();
+        }
+        dropped
+    }
+
+    fn drop_oldest(&mut self) -> usize {
+        let Some((_, device)) = self.order.pop_front() else {
+            return 0;
+        };
+        // A device's queue is in arrival order too, so its front is this one
+        // (unless the device took its messages in the meantime).
+        match self.by_device.get_mut(&device) {
+            Some(queue) => {
+                queue.pop_front();
+                if queue.is_empty() {
+                    self.by_device.remove(&device);
+                }
+                1
+            }
+            None => 0,
+        }
+    }
+
+    fn take(&mut self, device: &str) -> VecDeque<Vec<u8>> {
+        self.by_device.remove(device).unwrap_or_default()
+    }
 }
 
 /// What became of one downlink record.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Routed {
     Delivered,
+    /// For a device not connected now: held for it (see [`HOLD_FOR`]).
+    Held,
     OtherServer,
     Undeliverable,
     Malformed,
@@ -181,7 +254,9 @@ impl Router {
                 device: None,
             },
         );
-        self.bind(&mut t, client_id, device)
+        let device = self.bind(&mut t, client_id, device);
+        self.release_held(&mut t, client_id, &device);
+        device
     }
 
     /// Closes the connection bound to `device`, if any (revocation).
@@ -236,6 +311,7 @@ impl Router {
         let routed = self.deliver(response);
         match routed {
             Routed::Delivered => self.metrics.downlink_routed.fetch_add(1, Relaxed),
+            Routed::Held => self.metrics.downlink_held.fetch_add(1, Relaxed),
             _ => self.metrics.downlink_undeliverable.fetch_add(1, Relaxed),
         };
         routed
@@ -255,7 +331,12 @@ impl Router {
                 }
                 _ => None,
             };
-            return self.push(&mut t, client, Downlink { line: r.line, bind });
+            let device = bind.clone();
+            let routed = self.push(&mut t, client, Downlink { line: r.line, bind });
+            if let Some(device) = device {
+                self.release_held(&mut t, client, &device);
+            }
+            return routed;
         }
         let by_device = r
             .device_uid
@@ -270,14 +351,42 @@ impl Router {
                     bind: None,
                 },
             ),
-            None => {
-                log::debug!(
-                    "undeliverable downlink for clientId {:?} deviceUid {:?}: not connected here",
-                    r.client_id,
-                    r.device_uid
-                );
-                Routed::Undeliverable
+            None => match r.device_uid.as_deref() {
+                // The device may be about to reconnect (after a restart of
+                // this gateway, say): hold the message for it a while.
+                Some(device) => {
+                    let expired = t.held.hold(device, r.line, Instant::now());
+                    self.count_expired(expired);
+                    Routed::Held
+                }
+                None => {
+                    log::debug!(
+                        "undeliverable downlink for clientId {:?}: not connected here",
+                        r.client_id
+                    );
+                    Routed::Undeliverable
+                }
+            },
+        }
+    }
+
+    /// Hands the messages held for `device` to its new connection, in order.
+    fn release_held(&self, t: &mut Tables, client: Uuid, device: &str) {
+        let expired = t.held.expire(Instant::now());
+        self.count_expired(expired);
+        for line in t.held.take(device) {
+            self.metrics.downlink_held_released.fetch_add(1, Relaxed);
+            if self.push(t, client, Downlink { line, bind: None }) != Routed::Delivered {
+                break; // the connection was closed for not reading
             }
+        }
+    }
+
+    fn count_expired(&self, n: usize) {
+        if n > 0 {
+            self.metrics
+                .downlink_undeliverable
+                .fetch_add(n as u64, Relaxed);
         }
     }
 
@@ -377,10 +486,12 @@ mod tests {
             Routed::Delivered
         );
         assert!(rx.try_pop().unwrap().bind.is_none());
+        // Nobody is dev-1: the message is held for it, not delivered here.
         assert_eq!(
             r.route(&msg(&Uuid::new_v4(), "dev-1", "x", "ok")),
-            Routed::Undeliverable
+            Routed::Held
         );
+        assert_eq!(rx.len(), 0);
     }
 
     #[test]
@@ -398,7 +509,7 @@ mod tests {
         r.route(&msg(&b, "dev-2", "connect.response", "ok"));
         assert_eq!(
             r.route(&msg(&Uuid::new_v4(), "dev-1", "x", "ok")),
-            Routed::Undeliverable
+            Routed::Held
         );
         assert_eq!(
             r.route(&msg(&Uuid::new_v4(), "dev-2", "x", "ok")),
@@ -408,7 +519,7 @@ mod tests {
         r.unregister(&b);
         assert_eq!(
             r.route(&msg(&Uuid::new_v4(), "dev-2", "x", "ok")),
-            Routed::Undeliverable
+            Routed::Held
         );
     }
 
@@ -421,7 +532,7 @@ mod tests {
         assert!(rx.try_pop().unwrap().bind.is_none());
         assert_eq!(
             r.route(&msg(&Uuid::new_v4(), "dev-9", "x", "ok")),
-            Routed::Undeliverable
+            Routed::Held
         );
         // Authentication binds at once, and a second one takes over.
         let (first, mut first_peer) = socket();
@@ -440,6 +551,63 @@ mod tests {
         assert!(r.close_device("dev-9"));
         assert_eq!(second_peer.read(&mut buf).unwrap(), 0);
         assert!(!r.close_device("nobody"));
+    }
+
+    #[test]
+    fn messages_for_absent_devices_are_held_until_they_bind() {
+        let r = Router::new("gw".into(), 100, Arc::new(Metrics::default()));
+        let gone = Uuid::new_v4();
+        for i in 0..3 {
+            let m = msg(&gone, "dev-h", &format!("n{i}"), "ok");
+            assert_eq!(r.route(&m), Routed::Held);
+        }
+        // Addressed by clientId alone, to a connection that is gone: nobody
+        // could claim it.
+        assert_eq!(
+            r.route(br#"{"deviceResponse":{"action":"x"},"clientId":"4f1e9c39-1c4e-4bb8-9a5e-4a0a4c4b7f00"}"#),
+            Routed::Undeliverable
+        );
+        let (a, rx, _peer) = conn(&r);
+        r.route(&msg(&a, "dev-h", "connect.response", "ok"));
+        let lines: Vec<String> = std::iter::from_fn(|| rx.try_pop())
+            .map(|d| String::from_utf8(d.line).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert!(lines[0].contains("connect.response"));
+        for (i, line) in lines[1..].iter().enumerate() {
+            assert!(
+                line.contains(&format!("\"n{i}\"")),
+                "held messages in order: {lines:?}"
+            );
+        }
+        assert_eq!(r.metrics.downlink_held.load(Relaxed), 3);
+        assert_eq!(r.metrics.downlink_held_released.load(Relaxed), 3);
+    }
+
+    #[test]
+    fn held_messages_expire_and_are_capped() {
+        let mut held = Held::default();
+        let t0 = Instant::now();
+        assert_eq!(held.hold("a", b"1".to_vec(), t0), 0);
+        assert_eq!(
+            held.hold("b", b"2".to_vec(), t0 + Duration::from_secs(30)),
+            0
+        );
+        // The first one is past HOLD_FOR when the third arrives.
+        assert_eq!(
+            held.hold("a", b"3".to_vec(), t0 + HOLD_FOR + Duration::from_millis(1)),
+            1
+        );
+        assert_eq!(held.take("a"), VecDeque::from([b"3".to_vec()]));
+        let mut full = Held::default();
+        let mut dropped = 0;
+        for i in 0..HOLD_MAX + 5 {
+            dropped += full.hold(&format!("d{}", i % 7), vec![], t0);
+        }
+        assert_eq!(dropped, 5);
+        assert_eq!(full.order.len(), HOLD_MAX);
+        let total: usize = full.by_device.values().map(VecDeque::len).sum();
+        assert_eq!(total, HOLD_MAX);
     }
 
     #[test]

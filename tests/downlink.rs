@@ -107,11 +107,18 @@ fn failed_connect_response_binds_nothing() {
         json!({"action":"connect.response","uid":"c","status":"error"}),
     );
     assert_eq!(d.json()["status"], "error");
-    // Not bound: any deviceUid is accepted, and deviceUid routing finds nothing.
+    // Not bound: any deviceUid is accepted, and deviceUid routing does not
+    // find this connection (the message is held for a device that binds).
     ack_id(&d.request("t", "u", Some("dev-other"), Value::Null));
-    let before = s.gw.metric("edgegate_downlink_undeliverable_total");
+    let before = s.gw.metric("edgegate_downlink_held_total");
     s.send(None, Some("dev-x"), json!({"action":"lost","status":"ok"}));
-    s.gw.wait_metric("edgegate_downlink_undeliverable_total", |v| v > before);
+    s.gw.wait_metric("edgegate_downlink_held_total", |v| v > before);
+    d.set_timeout(Duration::from_millis(500));
+    assert_eq!(
+        d.line(),
+        None,
+        "an unbound connection got a device's message"
+    );
 }
 
 #[test]
@@ -182,6 +189,7 @@ fn offsets_resume_after_a_restart_even_on_untouched_partitions() {
     std::thread::sleep(Duration::from_millis(1500));
     s.gw.signal("TERM");
     assert_eq!(s.gw.wait_exit(Duration::from_secs(20)), Some(0));
+    drop(d);
     // Sent while the gateway is down, to both partitions: the restarted
     // gateway must read all of them, including partition 1's, which had no
     // record (and so no offset of its own) before.
@@ -198,6 +206,29 @@ fn offsets_resume_after_a_restart_even_on_untouched_partitions() {
         produce_to(&s.producer, &s.down, Some(partition), &away);
     }
     s.gw.restart();
-    s.gw.wait_metric("edgegate_downlink_received_total", |v| v >= 10.0);
-    assert!(s.gw.metric("edgegate_downlink_undeliverable_total") >= 10.0);
+    s.gw.wait_metric("edgegate_downlink_held_total", |v| v >= 10.0);
+    // The device comes back and is bound again: it gets what was sent to it
+    // while the gateway was down, each partition's messages in order.
+    let (mut back, client) = s.device();
+    s.send(
+        Some(&client),
+        Some("dev-away"),
+        json!({"action":"connect.response","uid":"again","status":"ok"}),
+    );
+    assert_eq!(back.json()["uid"], "again");
+    let mut got: Vec<String> = (0..10)
+        .map(|_| back.json()["uid"].as_str().unwrap().to_owned())
+        .collect();
+    for partition in [0, 1] {
+        let mine: Vec<&String> = got
+            .iter()
+            .filter(|u| u.starts_with(&format!("away-{partition}-")))
+            .collect();
+        let want: Vec<String> = (0..5).map(|i| format!("away-{partition}-{i}")).collect();
+        assert_eq!(mine, want.iter().collect::<Vec<_>>(), "{got:?}");
+    }
+    got.sort();
+    got.dedup();
+    assert_eq!(got.len(), 10);
+    assert_eq!(s.gw.metric("edgegate_downlink_held_released_total"), 10.0);
 }
