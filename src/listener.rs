@@ -41,10 +41,30 @@ pub struct BindError {
     pub source: std::io::Error,
 }
 
+/// Pending connections the kernel queues before we accept them. std's
+/// `bind` asks for 128: when thousands of devices reconnect at once (after a
+/// restart of the gateway, or of the network), the rest of their SYNs are
+/// dropped and each waits 1, 3, 7... seconds to try again. The kernel caps
+/// it at `net.core.somaxconn` (4096 by default).
+const LISTEN_BACKLOG: i32 = 4096;
+
 pub async fn bind(address: SocketAddr) -> Result<TcpListener, BindError> {
-    TcpListener::bind(address)
-        .await
-        .map_err(|source| BindError { address, source })
+    listen(address).map_err(|source| BindError { address, source })
+}
+
+fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
+    use rustix::net::{sockopt, AddressFamily, SocketFlags, SocketType};
+    let family = match address {
+        SocketAddr::V4(_) => AddressFamily::INET,
+        SocketAddr::V6(_) => AddressFamily::INET6,
+    };
+    let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    // As std does: a restarted gateway can bind while old connections of
+    // the previous one are still in TIME_WAIT.
+    sockopt::set_socket_reuseaddr(&fd, true)?;
+    rustix::net::bind(&fd, &address)?;
+    rustix::net::listen(&fd, LISTEN_BACKLOG)?;
+    TcpListener::try_from(std::net::TcpListener::from(fd))
 }
 
 /// Accepts until `stop` closes; with `tls`, every connection starts with a
