@@ -133,7 +133,7 @@ fn resets_mid_frame_and_random_bytes_hurt_no_one() {
                 seed ^= seed << 13;
                 seed ^= seed >> 7;
                 seed ^= seed << 17;
-                if seed % 97 == 0 {
+                if seed.is_multiple_of(97) {
                     b'\n'
                 } else {
                     seed as u8
