@@ -27,6 +27,7 @@ pub struct Metrics {
     pub outbox_flushes: AtomicU64,
     pub outbox_corrupt_batches: AtomicU64,
     pub outbox_store_recoveries: AtomicU64,
+    pub outbox_lost_batches: AtomicU64,
     pub outbox_write_errors: AtomicU64,
 
     pub kafka_delivered: AtomicU64,
@@ -185,6 +186,11 @@ impl Metrics {
             "edgegate_outbox_store_recoveries_total",
             "Times an outbox store that would not open was moved aside and replaced.",
             get(&self.outbox_store_recoveries),
+        );
+        counter(
+            "edgegate_outbox_lost_batches_total",
+            "Flushed outbox batches that the store could not give back after a restart (damage on disk).",
+            get(&self.outbox_lost_batches),
         );
         counter(
             "edgegate_outbox_write_errors_total",

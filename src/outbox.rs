@@ -25,6 +25,14 @@
 //!
 //! The crc32 covers `count` and every entry. Below, "batch" means one record.
 //!
+//! Beside sled's files, two marks (seq u64 LE | crc32 u32 LE, written in
+//! place): `<generation>/flushed`, the seq after the last flushed batch of
+//! that generation, and `outbox/removed`, a seq below which batches may have
+//! been removed. sled 0.34 opens a damaged log by silently dropping what
+//! follows the damage; on start, batches between the two marks that sled
+//! does not give back are counted as lost (logged as an error,
+//! `edgegate_outbox_lost_batches_total`).
+//!
 //! # Invariants
 //!
 //! - A batch is inserted and flushed before any request in it is acked, and
@@ -44,6 +52,9 @@
 //!   generations (measured every 500 ms, plus what was appended since):
 //!   past either, appends fail with [`AppendError::Full`].
 //! - A generation that sled cannot open is moved aside, never deleted.
+//! - `removed` is written before the removal it covers, `flushed` after the
+//!   flush it records: a batch at or above `removed` and below `flushed` was
+//!   acknowledged and never removed, so if it is missing, it was lost.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
@@ -66,6 +77,16 @@ const MAX_BATCH_BYTES: usize = 4 << 20;
 /// for them; records this small stay inline, and one flush still serves the
 /// whole group.
 const RECORD_BYTES: usize = 32 << 10;
+/// In each generation's directory, beside sled's files: the seq after the
+/// last flushed batch (u64 LE, then its crc32). sled 0.34, reading a damaged
+/// log, usually stops at the damage and opens without the records after
+/// it, saying nothing; this is how such a loss is noticed and counted.
+const FLUSHED_FILE: &str = "flushed";
+/// In the outbox directory: a seq below which batches may have been
+/// removed (delivered), same layout. Written before each removal, so a
+/// batch missing below it may simply have been delivered, and one missing
+/// at or above it was lost.
+const REMOVED_FILE: &str = "removed";
 /// Pending append jobs; beyond it connections wait (backpressure).
 const JOB_QUEUE: usize = 4096;
 /// A generation is closed to appends at this size on disk (or a quarter of
@@ -292,6 +313,8 @@ struct Generation {
     /// Drained and deleted: must not be opened again (that would recreate
     /// its directory).
     retired: AtomicBool,
+    /// The `flushed` file, open once written.
+    flushed: Mutex<Option<std::fs::File>>,
 }
 
 impl Generation {
@@ -303,6 +326,25 @@ impl Generation {
             batches: AtomicU64::new(0),
             appended: AtomicU64::new(0),
             retired: AtomicBool::new(false),
+            flushed: Mutex::new(None),
+        }
+    }
+
+    /// Records that every seq below `next` was flushed (see [`FLUSHED_FILE`]).
+    /// Written, not synced: after a crash it may be older than the truth,
+    /// never newer, so it can only under-report a loss.
+    fn mark_flushed(&self, next: u64) {
+        let mut file = self.flushed.lock().unwrap_or_else(|p| p.into_inner());
+        if file.is_none() {
+            *file = std::fs::File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(self.dir.join(FLUSHED_FILE))
+                .ok();
+        }
+        if let Some(f) = &*file {
+            write_mark(f, next);
         }
     }
 
@@ -374,6 +416,8 @@ pub struct Store {
     committed: AtomicU64,
     /// Rung after each flush that made new batches readable.
     doorbell: Sender<()>,
+    /// [`REMOVED_FILE`] and the mark last written to it.
+    removed: Mutex<(Option<std::fs::File>, u64)>,
 }
 
 impl Store {
@@ -417,6 +461,7 @@ impl Store {
             disk_since: AtomicU64::new(0),
             committed: AtomicU64::new(0),
             doorbell,
+            removed: Mutex::new((None, 0)),
         };
         store.scan(&firsts)?;
         store.add_generation()?;
@@ -444,8 +489,19 @@ impl Store {
     fn scan(&self, firsts: &[u64]) -> Result<(), OutboxError> {
         let (mut batches, mut records, mut bytes, mut next) = (0i64, 0i64, 0u64, 0u64);
         let mut generations = Vec::new();
+        // No file: nothing was ever removed (it is written before the first
+        // removal). A damaged one: unknown, and no loss can be told apart.
+        let removed_path = self.root.join(REMOVED_FILE);
+        let removed = match removed_path.exists() {
+            false => Some(0),
+            true => read_mark(&removed_path),
+        };
+        if let Some(mark) = removed {
+            self.removed.lock().unwrap_or_else(|p| p.into_inner()).1 = mark;
+        }
         for &first in firsts {
-            let Some((generation, stats)) = load_generation(&self.root, first, &self.metrics)?
+            let Some((generation, stats)) =
+                load_generation(&self.root, first, removed, &self.metrics)?
             else {
                 continue;
             };
@@ -566,6 +622,7 @@ impl Store {
         if generation.retired.load(SeqCst) {
             return Ok(()); // drained and deleted: nothing left to remove
         }
+        self.mark_removed(seq + 1);
         if generation.db()?.remove(seq.to_be_bytes())?.is_none() {
             return Ok(()); // already gone
         }
@@ -580,6 +637,26 @@ impl Store {
             self.retire_drained();
         }
         Ok(())
+    }
+
+    /// Notes (in [`REMOVED_FILE`]) that batches below `next` may be gone.
+    fn mark_removed(&self, next: u64) {
+        let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+        if removed.1 >= next {
+            return;
+        }
+        if removed.0.is_none() {
+            removed.0 = std::fs::File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(self.root.join(REMOVED_FILE))
+                .ok();
+        }
+        if let Some(f) = &removed.0 {
+            write_mark(f, next);
+        }
+        removed.1 = next;
     }
 
     /// Blocking: persists removals (and anything else pending).
@@ -668,6 +745,7 @@ struct GenerationStats {
 fn load_generation(
     root: &Path,
     first: u64,
+    removed: Option<u64>,
     metrics: &Metrics,
 ) -> Result<Option<(Generation, GenerationStats)>, OutboxError> {
     let dir = root.join(format!("{first:020}"));
@@ -693,7 +771,30 @@ fn load_generation(
         Ok((db, stats))
     });
     let reason = match loaded {
-        Ok(Ok((db, stats))) => {
+        Ok(Ok((db, mut stats))) => {
+            if let Some(flushed) = read_mark(&dir.join(FLUSHED_FILE)) {
+                // Batches are removed in seq order once delivered, so those
+                // from the removal mark up to the last flushed one must all
+                // be there. sled, reading a damaged log, stops at the damage:
+                // what it lost is the end.
+                let expected_from = first.max(removed.unwrap_or(0));
+                let readable_to = if stats.batches > 0 {
+                    stats.next_seq.max(expected_from)
+                } else {
+                    expected_from
+                };
+                if removed.is_some() && flushed > readable_to {
+                    let lost = flushed - readable_to;
+                    log::error!(
+                        "outbox store {} lost {lost} batches (seqs {readable_to}..{flushed}): sled could not read them back; \
+                         the requests in them were acknowledged and will not be sent",
+                        dir.display(),
+                    );
+                    metrics.outbox_lost_batches.fetch_add(lost, Relaxed);
+                }
+                // Never hand out a seq that was used before.
+                stats.next_seq = stats.next_seq.max(flushed);
+            }
             let generation = Generation::new(first, dir, None);
             generation.batches.store(stats.batches, SeqCst);
             db.flush()?;
@@ -731,6 +832,27 @@ fn load_generation(
     })?;
     metrics.outbox_store_recoveries.fetch_add(1, Relaxed);
     Ok(None)
+}
+
+/// A mark file ([`FLUSHED_FILE`], [`REMOVED_FILE`]): a seq, u64 LE, then
+/// its crc32. Written in place, not synced: after a crash of the process it
+/// is exact; after a power cut it may be older than the truth.
+fn write_mark(file: &std::fs::File, seq: u64) {
+    use std::os::unix::fs::FileExt;
+    let mut bytes = [0u8; 12];
+    bytes[..8].copy_from_slice(&seq.to_le_bytes());
+    let crc = crc32fast::hash(&bytes[..8]);
+    bytes[8..].copy_from_slice(&crc.to_le_bytes());
+    let _ = file.write_all_at(&bytes, 0);
+}
+
+/// A mark file's seq, if it is there and intact.
+fn read_mark(path: &Path) -> Option<u64> {
+    let bytes = std::fs::read(path).ok()?;
+    let bytes: [u8; 12] = bytes.get(..12)?.try_into().ok()?;
+    let crc = u32::from_le_bytes(bytes[8..].try_into().ok()?);
+    (crc32fast::hash(&bytes[..8]) == crc)
+        .then(|| u64::from_le_bytes(bytes[..8].try_into().unwrap()))
 }
 
 fn lock_dir(root: &Path) -> Result<std::fs::File, OutboxError> {
@@ -989,12 +1111,14 @@ async fn run_writer(store: Arc<Store>, jobs: Receiver<Job>, flush_interval: Dura
         // The handle goes into the blocking closure and dies there: a clone
         // kept here would hold sled's file lock after a rotation closed the
         // generation, and the producer could not open it.
+        let marker = generation.clone();
         let result = smol::unblock(move || {
             let written = (|| {
                 for (seq, value) in (first..).zip(records) {
                     db.insert(seq.to_be_bytes(), value)?;
                 }
                 db.flush()?;
+                marker.mark_flushed(first + batches);
                 Ok::<_, sled::Error>(())
             })();
             if written.is_err() {

@@ -99,6 +99,8 @@ fn random_kills_lose_nothing_acknowledged() {
         acked.len()
     );
     let (records, duplicates) = assert_all_delivered(&broker.addr(), &up, 2, &acked);
+    // Nothing was lost, so the last start must not have reported a loss.
+    assert_eq!(gw.metric("edgegate_outbox_lost_batches_total"), 0.0);
     eprintln!(
         "crash loop passed: {cycles} kills ({kills_before_ready} before ready, {cut_cycles} with the broker cut), \
          {} acked, {records} records, {duplicates} duplicate copies, 0 lost, seed {seed}",

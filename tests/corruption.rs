@@ -1,0 +1,130 @@
+//! Damage to the outbox on disk between two runs: bytes flipped in the
+//! middle of the store's log, or the log cut short. The gateway must start,
+//! keep running, deliver what it can read back, and never lose an
+//! acknowledged request without counting it (in
+//! `edgegate_outbox_lost_batches_total`, `..._corrupt_batches_total` or
+//! `..._store_recoveries_total`).
+
+mod common;
+
+use std::collections::HashSet;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+/// Acked requests sent in pipelined bursts, many group commits in all.
+fn backlog(d: &mut Device, n: u64) -> Vec<Acked> {
+    let mut acked = Vec::new();
+    for start in (0..n).step_by(20) {
+        let end = (start + 20).min(n);
+        let mut burst = String::new();
+        for i in start..end {
+            burst.push_str(&format!(
+                "{{\"action\":\"seq\",\"uid\":\"{i}\",\"deviceUid\":\"dev-c\",\"data\":{{\"i\":{i},\"pad\":\"{}\"}}}}\n",
+                "p".repeat(300)
+            ));
+        }
+        d.send_raw(burst.as_bytes());
+        for i in start..end {
+            acked.push((ack_id(&d.json()), i, "dev-c".to_owned()));
+        }
+    }
+    acked
+}
+
+/// The sled log files of every generation of the outbox.
+fn logs(data_dir: &Path) -> Vec<PathBuf> {
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(data_dir.join("outbox"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("db"))
+        .filter(|p| p.is_file())
+        .collect();
+    logs.sort();
+    logs
+}
+
+fn run_case(what: &str, damage: impl Fn(&Path)) {
+    let broker = Broker::start();
+    let (up, down) = broker.fresh_topics(1, 1);
+    let mut gw = Gateway::start(GatewayOptions::new(broker.addr()).topics(&up, &down));
+    broker.proxy.cut();
+    let mut d = gw.device();
+    let acked = backlog(&mut d, 3000);
+    gw.kill();
+    drop(d);
+    let damaged = logs(&gw.data_dir);
+    assert!(!damaged.is_empty(), "no outbox log found");
+    for log in &damaged {
+        damage(log);
+    }
+    broker.proxy.restore();
+    gw.restart();
+    gw.wait_metric("edgegate_outbox_records", |v| v == 0.0);
+    // Still up, not crash-looping, and still taking requests.
+    std::thread::sleep(Duration::from_secs(1));
+    let mut d = gw.device();
+    let after = ack_id(&d.request("seq", "after", Some("dev-c"), json!({})));
+    let records = read_topic(&broker.addr(), &up, 1, usize::MAX, Duration::from_secs(10));
+    let delivered: HashSet<String> = records
+        .iter()
+        .map(|r| r.payload["messageId"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        delivered.contains(&after),
+        "a request after the restart was not delivered"
+    );
+    let missing = acked
+        .iter()
+        .filter(|(id, _, _)| !delivered.contains(id))
+        .count();
+    let m = gw.metrics();
+    let counted = m["edgegate_outbox_lost_batches_total"]
+        + m["edgegate_outbox_corrupt_batches_total"]
+        + m["edgegate_outbox_store_recoveries_total"];
+    eprintln!(
+        "{what}: {} acked, {} delivered, {missing} missing; counted: {} lost batches, {} corrupt batches, {} stores moved aside",
+        acked.len(),
+        acked.len() - missing,
+        m["edgegate_outbox_lost_batches_total"],
+        m["edgegate_outbox_corrupt_batches_total"],
+        m["edgegate_outbox_store_recoveries_total"],
+    );
+    assert!(
+        missing == 0 || counted > 0.0,
+        "{what}: {missing} acknowledged requests were lost and nothing counted it:\n{}",
+        gw.log()
+    );
+    // Every record in the topic is one the gateway acked (nothing garbled).
+    let acked_ids: HashSet<&String> = acked.iter().map(|(id, _, _)| id).collect();
+    for r in &records {
+        let id = r.payload["messageId"].as_str().unwrap().to_owned();
+        assert!(
+            id == after || acked_ids.contains(&id),
+            "unknown record {}",
+            r.payload
+        );
+    }
+}
+
+#[test]
+fn flipped_bytes_in_the_log_are_survived_and_counted() {
+    run_case("flipped bytes", |log| {
+        let file = std::fs::OpenOptions::new().write(true).open(log).unwrap();
+        let len = file.metadata().unwrap().len();
+        let garbage: Vec<u8> = (0..512u32).map(|i| (i * 7 + 13) as u8).collect();
+        file.write_all_at(&garbage, len / 2).unwrap();
+    });
+}
+
+#[test]
+fn a_log_cut_short_is_survived_and_counted() {
+    run_case("log cut in half", |log| {
+        let file = std::fs::OpenOptions::new().write(true).open(log).unwrap();
+        let len = file.metadata().unwrap().len();
+        file.set_len(len / 2).unwrap();
+    });
+}
