@@ -37,6 +37,11 @@ use std::process::ExitCode;
 
 use config::{Config, Flags, FLAGS};
 
+/// Static (musl) builds: see the `static` feature in Cargo.toml.
+#[cfg(feature = "static")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "\
 usage: edgegate [run] [OPTIONS]          run the gateway
        edgegate check-config [OPTIONS]   validate the configuration and print the effective settings
