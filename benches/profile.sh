@@ -32,7 +32,7 @@ for _ in $(seq 100); do (exec 3<>"/dev/tcp/${broker%:*}/${broker#*:}") 2>/dev/nu
 tansu topic create prof_up --broker "tcp://$broker" --partitions 3 >/dev/null
 tansu topic create prof_raw --broker "tcp://$broker" --partitions 3 >/dev/null
 
-total_ir() { callgrind_annotate "$1" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }'; }
+total_ir() { callgrind_annotate "$1" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done { gsub(",", "", $1); print $1; done = 1 }'; }
 
 gateway_ir() { # MESSAGES -> total instructions of a gateway that took them
   local n=$1 cg="$work/gw-$1.cg"
@@ -69,6 +69,6 @@ per_raw=$(( (r2 - r1) / (n2 - n1) ))
   echo "mode=profile n1=$n1 n2=$n2 gateway_ir_n1=$g1 gateway_ir_n2=$g2 raw_ir_n1=$r1 raw_ir_n2=$r2 gateway_instructions_per_message=$per_gw raw_instructions_per_message=$per_raw"
   grep -h "verified" "$work/uplink-$n2" | sed 's/^/# uplink under callgrind: /'
   echo "# top functions of the gateway by own instructions, $n2 messages (callgrind_annotate):"
-  callgrind_annotate --threshold=90 "$work/gw-$n2.cg" 2>/dev/null | sed -n '/file:function/,$p' | head -n 22 \
-    | sed 's/^/# /'
+  callgrind_annotate --threshold=90 "$work/gw-$n2.cg" 2>/dev/null | sed -n '/file:function/,$p' \
+    | sed -n '1,22s/^/# /p'
 } | tee "$out"
