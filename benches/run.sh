@@ -138,6 +138,20 @@ up_ms=$(( ($(date +%s%N) - t0) / 1000000 ))
 record "$("$bin" bench replay --admin 127.0.0.1:21382 --pid "$drain" 2>/dev/null) ready_ms=$up_ms"
 kill "$drain"
 record "phase=replay-raw $("$bin" bench raw --brokers "$broker" --topic bench_raw --messages "$replay" 2>/dev/null)"
+if [ -x "$musl_bin" ]; then
+  # The same backlog drained by the static musl build the .deb ships (its
+  # allocator returns memory differently).
+  echo "replay with the static musl build" >&2
+  tansu topic create bench_replay_musl --broker "tcp://$broker" --partitions 3 >/dev/null
+  backlog=$(gateway replay-musl 127.0.0.1:21305 127.0.0.1:21385 127.0.0.1:1 \
+    EDGEGATE_KAFKA_PRODUCER_TOPIC=bench_replay_musl EDGEGATE_KAFKA_DRAIN_TIMEOUT_SECS=0 EDGEGATE_OUTBOX_MAX_BYTES=4294967296)
+  "$bin" bench uplink --gateway 127.0.0.1:21305 --connections 50 --messages "$replay" --no-verify 2>/dev/null >/dev/null
+  kill "$backlog"; while kill -0 "$backlog" 2>/dev/null; do sleep 0.05; done
+  drain=$(bin="$musl_bin" gateway replay-musl 127.0.0.1:21305 127.0.0.1:21385 "$broker" \
+    EDGEGATE_KAFKA_PRODUCER_TOPIC=bench_replay_musl EDGEGATE_OUTBOX_MAX_BYTES=4294967296)
+  record "phase=musl $("$bin" bench replay --admin 127.0.0.1:21385 --pid "$drain" 2>/dev/null)"
+  kill "$drain"
+fi
 
 "$bin" bench plot --input "$results" --output benches/results.svg >/dev/null
 profile=()

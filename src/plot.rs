@@ -80,8 +80,10 @@ pub fn svg(text: &str) -> String {
     }];
 
     // Replay: "t:records:rss_kib,..." from the drain mode.
+    // The first replay (the build under test; a later one may be the
+    // static build's).
     let curve: Vec<(f64, f64, f64)> = of("drain")
-        .next_back()
+        .next()
         .and_then(|f| f.get("curve"))
         .map(|c| {
             c.split(',')

@@ -239,6 +239,20 @@ pub fn markdown(results: &str, profile: Option<&str>) -> String {
             (last / 1024.0).round(),
         );
     }
+    if let Some(f) = find(Some("musl"), "drain").first() {
+        let curve_first = f
+            .get("curve")
+            .and_then(|c| c.split(',').next()?.rsplit(':').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        let _ = writeln!(
+            w,
+            "The same backlog drained by the static musl build the .deb ships: {} s, {} msgs/s; RSS {} MiB when ready, peak {} MiB.\n",
+            text(f, "seconds"),
+            thousands(get(f, "msgs_per_sec").unwrap_or(0.0)),
+            (curve_first / 1024.0).round(),
+            (get(f, "peak_rss_kib").unwrap_or(0.0) / 1024.0).round(),
+        );
+    }
     let foot = find(None, "footprint");
     if let Some(f) = foot.first() {
         let _ = writeln!(

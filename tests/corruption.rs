@@ -35,19 +35,20 @@ fn backlog(d: &mut Device, n: u64) -> Vec<Acked> {
     acked
 }
 
-/// The sled log files of every generation of the outbox.
-fn logs(data_dir: &Path) -> Vec<PathBuf> {
-    let mut logs: Vec<PathBuf> = std::fs::read_dir(data_dir.join("outbox"))
+/// A file of every generation of the outbox (`db`: sled's log; `conf`: its
+/// settings).
+fn store_files(data_dir: &Path, name: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(data_dir.join("outbox"))
         .unwrap()
         .flatten()
-        .map(|e| e.path().join("db"))
+        .map(|e| e.path().join(name))
         .filter(|p| p.is_file())
         .collect();
-    logs.sort();
-    logs
+    files.sort();
+    files
 }
 
-fn run_case(what: &str, damage: impl Fn(&Path)) {
+fn run_case(what: &str, file: &str, damage: impl Fn(&Path)) {
     let broker = Broker::start();
     let (up, down) = broker.fresh_topics(1, 1);
     let mut gw = Gateway::start(GatewayOptions::new(broker.addr()).topics(&up, &down));
@@ -56,8 +57,8 @@ fn run_case(what: &str, damage: impl Fn(&Path)) {
     let acked = backlog(&mut d, 3000);
     gw.kill();
     drop(d);
-    let damaged = logs(&gw.data_dir);
-    assert!(!damaged.is_empty(), "no outbox log found");
+    let damaged = store_files(&gw.data_dir, file);
+    assert!(!damaged.is_empty(), "no outbox {file} found");
     for log in &damaged {
         damage(log);
     }
@@ -98,6 +99,19 @@ fn run_case(what: &str, damage: impl Fn(&Path)) {
         "{what}: {missing} acknowledged requests were lost and nothing counted it:\n{}",
         gw.log()
     );
+    // A store moved aside is kept for an operator, and said so in the log.
+    if m["edgegate_outbox_store_recoveries_total"] > 0.0 {
+        let kept = std::fs::read_dir(gw.data_dir.join("outbox"))
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().contains(".broken-"));
+        assert!(kept, "the damaged store was not kept aside");
+        assert!(
+            gw.log().contains("is damaged and cannot be read"),
+            "{}",
+            gw.log()
+        );
+    }
     // Every record in the topic is one the gateway acked (nothing garbled).
     let acked_ids: HashSet<&String> = acked.iter().map(|(id, _, _)| id).collect();
     for r in &records {
@@ -112,7 +126,7 @@ fn run_case(what: &str, damage: impl Fn(&Path)) {
 
 #[test]
 fn flipped_bytes_in_the_log_are_survived_and_counted() {
-    run_case("flipped bytes", |log| {
+    run_case("flipped bytes", "db", |log| {
         let file = std::fs::OpenOptions::new().write(true).open(log).unwrap();
         let len = file.metadata().unwrap().len();
         let garbage: Vec<u8> = (0..512u32).map(|i| (i * 7 + 13) as u8).collect();
@@ -122,9 +136,16 @@ fn flipped_bytes_in_the_log_are_survived_and_counted() {
 
 #[test]
 fn a_log_cut_short_is_survived_and_counted() {
-    run_case("log cut in half", |log| {
+    run_case("log cut in half", "db", |log| {
         let file = std::fs::OpenOptions::new().write(true).open(log).unwrap();
         let len = file.metadata().unwrap().len();
         file.set_len(len / 2).unwrap();
+    });
+}
+
+#[test]
+fn a_store_sled_cannot_open_is_moved_aside_and_counted() {
+    run_case("unreadable store settings", "conf", |conf| {
+        std::fs::write(conf, b"\xff\xfe not sled's settings \x00").unwrap();
     });
 }
