@@ -26,6 +26,14 @@ fn thousands(v: f64) -> String {
     out
 }
 
+/// The gateway's RSS (KiB) at the first sample of a replay's curve, when it
+/// was ready with the backlog loaded.
+fn rss_at_ready(f: &Fields) -> f64 {
+    f.get("curve")
+        .and_then(|c| c.split(',').next()?.rsplit(':').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
@@ -240,10 +248,7 @@ pub fn markdown(results: &str, profile: Option<&str>) -> String {
         );
     }
     if let Some(f) = find(Some("musl"), "drain").first() {
-        let curve_first = f
-            .get("curve")
-            .and_then(|c| c.split(',').next()?.rsplit(':').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0);
+        let curve_first = rss_at_ready(f);
         let _ = writeln!(
             w,
             "The same backlog drained by the static musl build the .deb ships: {} s, {} msgs/s; RSS {} MiB when ready, peak {} MiB.\n",
@@ -309,10 +314,7 @@ pub fn markdown(results: &str, profile: Option<&str>) -> String {
     if let (Some(r), Some(f)) = (replay_ratio, replay.first()) {
         // "Flat": the peak during the drain within a quarter of the RSS the
         // gateway had when it was ready (with the backlog loaded).
-        let at_ready = f
-            .get("curve")
-            .and_then(|c| c.split(',').next()?.rsplit(':').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0);
+        let at_ready = rss_at_ready(f);
         let peak = get(f, "peak_rss_kib").unwrap_or(0.0);
         let flat = at_ready > 0.0 && peak <= at_ready * 1.25;
         let _ = writeln!(

@@ -153,15 +153,6 @@ fn oversized_frame_is_discarded_without_growing_memory() {
     );
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
-
 #[test]
 fn idle_connection_is_closed_and_partial_bytes_do_not_keep_it_open() {
     let gw =

@@ -25,15 +25,7 @@ fn span() -> Duration {
 /// Stops the load, waits for the outbox to drain, checks the promise.
 fn finish(gw: &Gateway, broker: &Broker, up: &str, load: Load, what: &str) {
     let acked = load.stop();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while gw.metric("edgegate_outbox_records") != 0.0 {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: outbox never drained:\n{}",
-            gw.log()
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    gw.wait_drained();
     let (records, duplicates) = assert_all_delivered(&broker.addr(), up, 2, &acked);
     eprintln!(
         "{what}: {} acked, {records} records, {duplicates} duplicate copies, 0 lost",

@@ -538,6 +538,19 @@ impl Gateway {
         }
     }
 
+    /// Waits (up to 2 minutes) until the outbox is empty: all sent to Kafka.
+    pub fn wait_drained(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.metric("edgegate_outbox_records") != 0.0 {
+            assert!(
+                Instant::now() < deadline,
+                "the outbox never drained:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits until the downlink consumer has its partitions.
     pub fn wait_consumer(&self) {
         self.wait_metric("edgegate_kafka_consumer_partitions", |v| v >= 1.0);
@@ -606,6 +619,16 @@ impl Drop for Gateway {
         }
         self.kill();
     }
+}
+
+/// A process's resident memory, from /proc.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
 }
 
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
