@@ -15,26 +15,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-/// Acked requests sent in pipelined bursts, many group commits in all.
-fn backlog(d: &mut Device, n: u64) -> Vec<Acked> {
-    let mut acked = Vec::new();
-    for start in (0..n).step_by(20) {
-        let end = (start + 20).min(n);
-        let mut burst = String::new();
-        for i in start..end {
-            burst.push_str(&format!(
-                "{{\"action\":\"seq\",\"uid\":\"{i}\",\"deviceUid\":\"dev-c\",\"data\":{{\"i\":{i},\"pad\":\"{}\"}}}}\n",
-                "p".repeat(300)
-            ));
-        }
-        d.send_raw(burst.as_bytes());
-        for i in start..end {
-            acked.push((ack_id(&d.json()), i, "dev-c".to_owned()));
-        }
-    }
-    acked
-}
-
 /// A file of every generation of the outbox (`db`: sled's log; `conf`: its
 /// settings).
 fn store_files(data_dir: &Path, name: &str) -> Vec<PathBuf> {
@@ -54,7 +34,7 @@ fn run_case(what: &str, file: &str, damage: impl Fn(&Path)) {
     let mut gw = Gateway::start(GatewayOptions::new(broker.addr()).topics(&up, &down));
     broker.proxy.cut();
     let mut d = gw.device();
-    let acked = backlog(&mut d, 3000);
+    let acked = send_numbered(&mut d, "dev-c", 0, 3000, 300);
     gw.kill();
     drop(d);
     let damaged = store_files(&gw.data_dir, file);

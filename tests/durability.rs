@@ -29,48 +29,26 @@ impl Setup {
     }
 }
 
-/// Sends `n` numbered requests (pipelined in bursts) and returns the acked
-/// (messageId, seq, device) triples.
-fn stream(d: &mut Device, device: &str, from: u64, n: u64) -> Vec<(String, u64, String)> {
-    let mut acked = Vec::new();
-    for chunk_start in (from..from + n).step_by(50) {
-        let end = (chunk_start + 50).min(from + n);
-        let mut burst = String::new();
-        for i in chunk_start..end {
-            burst.push_str(&format!(
-                "{{\"action\":\"seq\",\"uid\":\"{i}\",\"deviceUid\":\"{device}\",\"data\":{i}}}\n"
-            ));
-        }
-        d.send_raw(burst.as_bytes());
-        for i in chunk_start..end {
-            let r = d.json();
-            assert_eq!(r["uid"], i.to_string());
-            acked.push((ack_id(&r), i, device.to_owned()));
-        }
-    }
-    acked
-}
-
 #[test]
 fn outage_keeps_every_acked_message_and_delivers_in_order_after() {
     let s = setup();
     let gw = Gateway::start(s.options());
     let mut d = gw.device();
-    let mut acked = stream(&mut d, "dev-a", 0, 100);
+    let mut acked = send_numbered(&mut d, "dev-a", 0, 100, 0);
     gw.wait_metric("edgegate_outbox_records", |v| v == 0.0);
 
     s.broker.proxy.cut();
-    acked.extend(stream(&mut d, "dev-a", 100, 400));
+    acked.extend(send_numbered(&mut d, "dev-a", 100, 400, 0));
     std::thread::sleep(Duration::from_secs(2));
     assert!(
         gw.metric("edgegate_outbox_records") > 0.0,
         "kept in the outbox during the outage"
     );
     let mut other = gw.device();
-    acked.extend(stream(&mut other, "dev-b", 0, 100));
+    acked.extend(send_numbered(&mut other, "dev-b", 0, 100, 0));
 
     s.broker.proxy.restore();
-    acked.extend(stream(&mut d, "dev-a", 500, 100));
+    acked.extend(send_numbered(&mut d, "dev-a", 500, 100, 0));
     gw.wait_metric("edgegate_outbox_records", |v| v == 0.0);
     s.assert_all_delivered(&acked);
 }
@@ -80,9 +58,9 @@ fn sigkill_during_an_outage_loses_nothing_acked() {
     let s = setup();
     let mut gw = Gateway::start(s.options());
     let mut d = gw.device();
-    let mut acked = stream(&mut d, "dev-k", 0, 50);
+    let mut acked = send_numbered(&mut d, "dev-k", 0, 50, 0);
     s.broker.proxy.cut();
-    acked.extend(stream(&mut d, "dev-k", 50, 500));
+    acked.extend(send_numbered(&mut d, "dev-k", 50, 500, 0));
     gw.kill();
     drop(d);
     // Restart while Kafka is still unreachable, then bring it back.
@@ -92,7 +70,7 @@ fn sigkill_during_an_outage_loses_nothing_acked() {
         "backlog reloaded"
     );
     let mut d = gw.device();
-    acked.extend(stream(&mut d, "dev-k", 550, 50));
+    acked.extend(send_numbered(&mut d, "dev-k", 550, 50, 0));
     s.broker.proxy.restore();
     gw.wait_metric("edgegate_outbox_records", |v| v == 0.0);
     s.assert_all_delivered(&acked);
@@ -104,7 +82,7 @@ fn sigterm_drains_the_outbox_to_kafka_and_exits_zero() {
     let mut gw = Gateway::start(s.options());
     let mut d = gw.device();
     s.broker.proxy.cut();
-    let acked = stream(&mut d, "dev-t", 0, 300);
+    let acked = send_numbered(&mut d, "dev-t", 0, 300, 0);
     s.broker.proxy.restore();
     gw.signal("TERM");
     assert_eq!(gw.wait_exit(Duration::from_secs(30)), Some(0));

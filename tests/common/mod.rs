@@ -762,6 +762,30 @@ pub fn fresh_source() -> std::net::Ipv4Addr {
     std::net::Ipv4Addr::new(127, 77, (n >> 8) as u8, n as u8)
 }
 
+/// Sends requests `from..from + n` for `device` in pipelined bursts of 50
+/// (each with `pad` bytes of padding) and returns the acks, checking that
+/// replies come in order.
+pub fn send_numbered(d: &mut Device, device: &str, from: u64, n: u64, pad: usize) -> Vec<Acked> {
+    let padding = "p".repeat(pad);
+    let mut acked = Vec::new();
+    for start in (from..from + n).step_by(50) {
+        let end = (start + 50).min(from + n);
+        let mut burst = String::new();
+        for i in start..end {
+            burst.push_str(&format!(
+                "{{\"action\":\"seq\",\"uid\":\"{i}\",\"deviceUid\":\"{device}\",\"data\":{{\"i\":{i},\"pad\":\"{padding}\"}}}}\n"
+            ));
+        }
+        d.send_raw(burst.as_bytes());
+        for i in start..end {
+            let r = d.json();
+            assert_eq!(r["uid"], i.to_string());
+            acked.push((ack_id(&r), i, device.to_owned()));
+        }
+    }
+    acked
+}
+
 /// A device that sends seq n until it is acked, then n + 1, and records
 /// every ack; it reconnects after any failure and sends the unacknowledged
 /// seq again (a new messageId), until `stop`.
