@@ -17,38 +17,15 @@ use common::*;
 
 const DEVICES: usize = 4;
 
-/// A small deterministic generator, so a failing schedule can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // xorshift64*
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 #[test]
 fn random_kills_lose_nothing_acknowledged() {
     let cycles: usize = std::env::var("EDGEGATE_CRASH_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(12);
-    let seed = std::env::var("EDGEGATE_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            let random = uuid::Uuid::new_v4();
-            u64::from_le_bytes(random.as_bytes()[..8].try_into().unwrap()) | 1
-        });
+    let seed = seed_from_env("EDGEGATE_CRASH_SEED");
     eprintln!("crash loop: {cycles} cycles, EDGEGATE_CRASH_SEED={seed}");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
 
     let broker = Broker::start();
     let (up, down) = broker.fresh_topics(2, 1);

@@ -20,6 +20,8 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::TopicPartitionList;
 use serde_json::Value;
 
+pub mod cutfs;
+
 pub const WAIT: Duration = Duration::from_secs(30);
 
 /// A free TCP port below 32768 (outside Linux's ephemeral range, so an
@@ -606,6 +608,13 @@ impl Gateway {
         self.spawn_on_ports(false);
     }
 
+    /// Starts again on the same data directory and ports after [`Gateway::kill`],
+    /// without waiting for it to be ready.
+    pub fn respawn(&mut self) {
+        assert!(self.child.is_none(), "respawn after kill");
+        self.spawn_on_ports(false);
+    }
+
     /// True once /readyz answers 200.
     pub fn is_ready(&self) -> bool {
         matches!(http_get(self.admin_port, "/readyz"), Some((200, _)))
@@ -993,4 +1002,38 @@ pub fn wait_downlink(device: &mut Device, p: &BaseProducer, topic: &str, client_
     device.set_timeout(Duration::from_millis(300));
     while device.line().is_some() {}
     device.set_timeout(WAIT);
+}
+
+// ---------------------------------------------------------------- random ----
+
+/// A small deterministic generator, so a failing schedule can be replayed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1) // xorshift never leaves 0
+    }
+
+    pub fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// A loop's seed: from `var` to replay a run, else a fresh random one.
+pub fn seed_from_env(var: &str) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            let random = uuid::Uuid::new_v4();
+            u64::from_le_bytes(random.as_bytes()[..8].try_into().unwrap()) | 1
+        })
 }
