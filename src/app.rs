@@ -296,6 +296,11 @@ fn load_server_id(data_dir: &Path) -> Result<String, AppError> {
         .and_then(|f| f.sync_all())
         .map_err(io_err)?;
     std::fs::rename(&tmp, &path).map_err(io_err)?;
+    // The rename is only on disk once the directory is: a power cut would
+    // otherwise bring up a new serverId, and with it a new consumer group.
+    std::fs::File::open(data_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err)?;
     log::info!("generated serverId {id}, kept in {}", path.display());
     Ok(id)
 }

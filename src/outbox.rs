@@ -72,20 +72,27 @@ const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 10;
 /// Stop gathering requests into one group commit past this many bytes.
 const MAX_BATCH_BYTES: usize = 4 << 20;
-/// A group commit is stored as records of about this size. sled moves
-/// larger values to separate blob files and keeps far more memory and disk
-/// for them; records this small stay inline, and one flush still serves the
-/// whole group.
-const RECORD_BYTES: usize = 32 << 10;
+/// A group commit is stored as records of at most this size (a larger
+/// request gets a record of its own); one flush still serves the whole group.
+/// sled writes a tree node whose serialized size exceeds a quarter of its
+/// 512 KiB segment, less headers, to a blob file of its own, and a leaf holds
+/// up to 17 records: 17 records of 7 KiB stay under that, so nodes stay in
+/// the log, the one file whose every write the group commit syncs anyway.
+/// (At 32 KiB every consolidated leaf became a new blob file, each needing
+/// its own fsync and a directory fsync before the ack.)
+const RECORD_BYTES: usize = 7 << 10;
 /// In each generation's directory, beside sled's files: the seq after the
 /// last flushed batch (u64 LE, then its crc32). sled 0.34, reading a damaged
 /// log, usually stops at the damage and opens without the records after
 /// it, saying nothing; this is how such a loss is noticed and counted.
+/// Written after the log's fsync, synced with the next group commit: on
+/// disk it is never ahead of the log.
 const FLUSHED_FILE: &str = "flushed";
 /// In the outbox directory: a seq below which batches may have been
-/// removed (delivered), same layout. Written before each removal, so a
-/// batch missing below it may simply have been delivered, and one missing
-/// at or above it was lost.
+/// removed (delivered), same layout. Written and synced before any removal
+/// it covers (the producer moves it ahead to what it has handed to Kafka,
+/// off the executor), so a batch missing below it may simply have been
+/// delivered, and one missing at or above it was lost.
 const REMOVED_FILE: &str = "removed";
 /// Pending append jobs; beyond it connections wait (backpressure).
 const JOB_QUEUE: usize = 4096;
@@ -315,6 +322,15 @@ struct Generation {
     retired: AtomicBool,
     /// The `flushed` file, open once written.
     flushed: Mutex<Option<std::fs::File>>,
+    /// A `flushed` mark was written and not synced yet.
+    flushed_unsynced: AtomicBool,
+    /// The `flushed` file was created by this process: its name needs a
+    /// sync of the directory.
+    flushed_created: AtomicBool,
+    /// Our own handle on sled's log, to fsync it.
+    log: Mutex<Option<std::fs::File>>,
+    /// Blob files already made durable.
+    blobs: Mutex<durable::Blobs>,
 }
 
 impl Generation {
@@ -327,15 +343,24 @@ impl Generation {
             appended: AtomicU64::new(0),
             retired: AtomicBool::new(false),
             flushed: Mutex::new(None),
+            flushed_unsynced: AtomicBool::new(false),
+            flushed_created: AtomicBool::new(false),
+            log: Mutex::new(None),
+            blobs: Mutex::new(durable::Blobs::default()),
         }
     }
 
-    /// Records that every seq below `next` was flushed (see [`FLUSHED_FILE`]).
-    /// Written, not synced: after a crash it may be older than the truth,
-    /// never newer, so it can only under-report a loss.
+    /// Records that every seq below `next` was flushed and synced (see
+    /// [`FLUSHED_FILE`]). Written here, synced by the next group commit or
+    /// the close: after a power cut it may be older than the truth, never
+    /// newer, so it can only under-report a loss.
     fn mark_flushed(&self, next: u64) {
         let mut file = self.flushed.lock().unwrap_or_else(|p| p.into_inner());
         if file.is_none() {
+            let path = self.dir.join(FLUSHED_FILE);
+            if !path.exists() {
+                self.flushed_created.store(true, SeqCst);
+            }
             *file = std::fs::File::options()
                 .create(true)
                 .truncate(false)
@@ -345,7 +370,38 @@ impl Generation {
         }
         if let Some(f) = &*file {
             write_mark(f, next);
+            self.flushed_unsynced.store(true, SeqCst);
         }
+    }
+
+    fn sync_flushed_mark(&self) -> std::io::Result<()> {
+        if !self.flushed_unsynced.swap(false, SeqCst) {
+            return Ok(());
+        }
+        let file = self.flushed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = &*file {
+            f.sync_data()?;
+        }
+        if self.flushed_created.swap(false, SeqCst) {
+            durable::sync_path(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// After sled's flush of a group commit and before its acks: what sled
+    /// left unsynced (see [`durable`]). The previous `flushed` mark, new
+    /// blob files, then the log.
+    fn make_durable(&self) -> std::io::Result<()> {
+        self.sync_flushed_mark()?;
+        self.blobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sync_new(&self.dir)?;
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        if log.is_none() {
+            *log = Some(std::fs::File::open(self.dir.join("db"))?);
+        }
+        log.as_ref().expect("opened above").sync_data()
     }
 
     /// The open database, opening it if needed.
@@ -385,6 +441,12 @@ impl Generation {
                 );
             }
         }
+        if let Err(e) = self.sync_flushed_mark() {
+            log::warn!(
+                "syncing the flushed mark of outbox generation {} failed: {e}",
+                self.dir.display()
+            );
+        }
     }
 
     fn is_empty(&self) -> bool {
@@ -416,8 +478,10 @@ pub struct Store {
     committed: AtomicU64,
     /// Rung after each flush that made new batches readable.
     doorbell: Sender<()>,
-    /// [`REMOVED_FILE`] and the mark last written to it.
+    /// [`REMOVED_FILE`] and the mark last written and synced to it.
     removed: Mutex<(Option<std::fs::File>, u64)>,
+    /// The same mark, read without the lock: batches below it may be removed.
+    removal_limit: AtomicU64,
 }
 
 impl Store {
@@ -430,10 +494,19 @@ impl Store {
         max_bytes: u64,
         metrics: Arc<Metrics>,
     ) -> Result<(Arc<Store>, Receiver<()>), OutboxError> {
+        let created = !root.exists();
         std::fs::create_dir_all(root).map_err(|source| OutboxError::CreateDir {
             path: root.to_owned(),
             source,
         })?;
+        if created {
+            // A new directory's name is on disk once its parent is synced.
+            let parent = root.parent().unwrap_or(Path::new("."));
+            durable::sync_path(parent).map_err(|source| OutboxError::CreateDir {
+                path: parent.to_owned(),
+                source,
+            })?;
+        }
         let lock = lock_dir(root)?;
         let mut firsts = Vec::new();
         let entries = std::fs::read_dir(root).map_err(|source| OutboxError::CreateDir {
@@ -462,6 +535,7 @@ impl Store {
             committed: AtomicU64::new(0),
             doorbell,
             removed: Mutex::new((None, 0)),
+            removal_limit: AtomicU64::new(0),
         };
         store.scan(&firsts)?;
         store.add_generation()?;
@@ -498,6 +572,7 @@ impl Store {
         };
         if let Some(mark) = removed {
             self.removed.lock().unwrap_or_else(|p| p.into_inner()).1 = mark;
+            self.removal_limit.store(mark, SeqCst);
         }
         for &first in firsts {
             let Some((generation, stats)) =
@@ -529,18 +604,32 @@ impl Store {
     /// closes the previous one unless the producer is reading it.
     fn add_generation(&self) -> Result<(), OutboxError> {
         let first = self.committed.load(SeqCst);
+        if self
+            .generations()
+            .last()
+            .is_some_and(|g| g.first_seq >= first)
+        {
+            return Ok(()); // nothing was written to the active one yet
+        }
         let dir = self.root.join(format!("{first:020}"));
         let db = open_db(&dir).map_err(|source| OutboxError::Open {
             path: dir.clone(),
             source,
         })?;
+        let generation = Generation::new(first, dir, Some(db));
+        // Its `flushed` mark and its own name must be on disk before
+        // anything acked goes in (sled's files were synced on open).
+        generation.mark_flushed(first);
+        let io = |source| OutboxError::CreateDir {
+            path: generation.dir.clone(),
+            source,
+        };
+        generation.sync_flushed_mark().map_err(io)?;
+        durable::sync_path(&self.root).map_err(io)?;
         let previous = {
             let mut generations = self.generations.write().unwrap_or_else(|p| p.into_inner());
-            if generations.last().is_some_and(|g| g.first_seq >= first) {
-                return Ok(()); // nothing was written to the active one yet
-            }
             let previous = generations.last().cloned();
-            generations.push(Arc::new(Generation::new(first, dir, Some(db))));
+            generations.push(Arc::new(generation));
             previous
         };
         if let Some(previous) = previous {
@@ -622,7 +711,11 @@ impl Store {
         if generation.retired.load(SeqCst) {
             return Ok(()); // drained and deleted: nothing left to remove
         }
-        self.mark_removed(seq + 1);
+        if !self.removal_allowed(seq) {
+            // The producer moves the mark ahead off the executor; this is
+            // the fallback (a corrupt batch skipped, say).
+            self.advance_removal_mark(seq + 1)?;
+        }
         if generation.db()?.remove(seq.to_be_bytes())?.is_none() {
             return Ok(()); // already gone
         }
@@ -639,24 +732,45 @@ impl Store {
         Ok(())
     }
 
-    /// Notes (in [`REMOVED_FILE`]) that batches below `next` may be gone.
-    fn mark_removed(&self, next: u64) {
+    /// True if the batch `seq` may be removed without moving the removal
+    /// mark first.
+    pub fn removal_allowed(&self, seq: u64) -> bool {
+        seq < self.removal_limit.load(SeqCst)
+    }
+
+    /// Blocking: writes and syncs (in [`REMOVED_FILE`]) that batches below
+    /// `next` may be gone, before any such removal can reach the disk. A
+    /// mark ahead of the removals only narrows what a loss check covers.
+    pub fn advance_removal_mark(&self, next: u64) -> Result<(), OutboxError> {
         let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
         if removed.1 >= next {
-            return;
+            return Ok(());
         }
+        let path = self.root.join(REMOVED_FILE);
+        let io = |source| OutboxError::CreateDir {
+            path: path.clone(),
+            source,
+        };
         if removed.0.is_none() {
-            removed.0 = std::fs::File::options()
+            let existed = path.exists();
+            let file = std::fs::File::options()
                 .create(true)
                 .truncate(false)
                 .write(true)
-                .open(self.root.join(REMOVED_FILE))
-                .ok();
+                .open(&path)
+                .map_err(io)?;
+            if !existed {
+                file.sync_all().map_err(io)?;
+                durable::sync_path(&self.root).map_err(io)?;
+            }
+            removed.0 = Some(file);
         }
-        if let Some(f) = &removed.0 {
-            write_mark(f, next);
-        }
+        let file = removed.0.as_ref().expect("opened above");
+        write_mark(file, next);
+        file.sync_data().map_err(io)?;
         removed.1 = next;
+        self.removal_limit.store(next, SeqCst);
+        Ok(())
     }
 
     /// Blocking: persists removals (and anything else pending).
@@ -714,8 +828,10 @@ impl Store {
     }
 }
 
-/// Bytes of the files in `dir` and one level below (sled's `blobs/`).
+/// Bytes of the files in `dir` and below (sled's `blobs/`, our `keep/`). A
+/// file with two names (a blob and its `keep/` link) counts once.
 fn dir_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
@@ -723,7 +839,7 @@ fn dir_bytes(dir: &Path) -> u64 {
         .flatten()
         .map(|e| match e.metadata() {
             Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len(),
+            Ok(m) => m.len() / m.nlink().max(1),
             Err(_) => 0,
         })
         .sum()
@@ -938,21 +1054,31 @@ fn is_lock_error(e: &sled::Error) -> bool {
     matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
 }
 
-/// Opens a generation's database. This process holds the outbox's directory
+/// Opens a generation's database, and syncs what sled wrote without syncing
+/// on the way (see [`durable`]). This process holds the outbox's directory
 /// lock, so a sled lock conflict can only be a handle of this process that
 /// is still being released (sled lets go of its file lock asynchronously,
 /// and each open file has its own): wait it out.
 fn open_db(dir: &Path) -> sled::Result<sled::Db> {
+    let restored = durable::restore_kept_blobs(dir)?;
+    if restored > 0 {
+        log::warn!(
+            "outbox generation {}: {restored} blob files restored from keep/ (removed before the log that replaced them was synced)",
+            dir.display()
+        );
+    }
     let mut attempts = 0;
-    loop {
+    let db = loop {
         match open_db_once(dir) {
             Err(e) if is_lock_error(&e) && attempts < 400 => {
                 attempts += 1;
                 std::thread::sleep(Duration::from_millis(5));
             }
-            other => return other,
+            other => break other?,
         }
-    }
+    };
+    durable::after_open(dir)?;
+    Ok(db)
 }
 
 fn open_db_once(dir: &Path) -> sled::Result<sled::Db> {
@@ -1118,6 +1244,7 @@ async fn run_writer(store: Arc<Store>, jobs: Receiver<Job>, flush_interval: Dura
                     db.insert(seq.to_be_bytes(), value)?;
                 }
                 db.flush()?;
+                marker.make_durable()?;
                 marker.mark_flushed(first + batches);
                 Ok::<_, sled::Error>(())
             })();
@@ -1182,6 +1309,7 @@ async fn run_writer(store: Arc<Store>, jobs: Receiver<Job>, flush_interval: Dura
     }
 }
 
+mod durable;
 #[cfg(test)]
 mod model_tests;
 

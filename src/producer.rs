@@ -201,7 +201,7 @@ impl Pipeline {
             while let Ok(report) = self.reports.try_recv() {
                 failed |= self.record(report);
             }
-            let progress = self.remove_delivered();
+            let progress = self.remove_delivered().await;
             if progress {
                 failures_in_a_row = 0;
             }
@@ -340,7 +340,23 @@ impl Pipeline {
     }
 
     /// Removes the confirmed batches at the front; true if any was removed.
-    fn remove_delivered(&mut self) -> bool {
+    async fn remove_delivered(&mut self) -> bool {
+        let confirmed = self
+            .in_flight
+            .iter()
+            .take_while(|b| b.remaining == 0 && !b.failed)
+            .last()
+            .map(|b| b.seq);
+        if let Some(last) = confirmed.filter(|&seq| !self.store.removal_allowed(seq)) {
+            // The removal mark is synced before any removal it covers; move
+            // it to everything handed to Kafka so far, so that one sync
+            // serves many removals, and off the executor.
+            let (store, next) = (self.store.clone(), self.cursor.max(last + 1));
+            if let Err(e) = smol::unblock(move || store.advance_removal_mark(next)).await {
+                log::error!("moving the outbox removal mark failed: {e}");
+                return false;
+            }
+        }
         let mut removed = false;
         while let Some(front) = self.in_flight.front() {
             if front.remaining > 0 || front.failed {

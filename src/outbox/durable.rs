@@ -1,0 +1,162 @@
+//! What sled 0.34 leaves unsynced, synced by the outbox.
+//!
+//! sled calls a flush durable once its log is written with `pwrite` and
+//! `sync_file_range`: that reaches neither the file's size nor the device's
+//! write cache, so a power cut can take back everything since the last real
+//! `fsync`, which sled only does in a periodic flusher the outbox turns off.
+//! It never syncs `conf`, a blob file or a directory either. So:
+//!
+//! - after a generation is opened (created, or recovered, which may write a
+//!   snapshot and rename it): `conf`, `db`, every snapshot file, `blobs/`
+//!   and the generation's directory are synced ([`after_open`]);
+//! - after each group commit's flush, before any of it is acked: new blob
+//!   files are synced and linked into `keep/`, both directories synced,
+//!   then the log (`db`) is synced ([`Blobs::sync_new`], then the caller's
+//!   `sync_data`).
+//!
+//! `keep/` exists because a blob's removal and its creation need opposite
+//! orders: a new blob must be durable before the log that points to it,
+//! while sled unlinks a blob as soon as it holds the log that replaces the
+//! pointer "stable", which can be before our next `fsync` of the log. With
+//! a second name in `keep/`, an unlink that became durable too early is
+//! undone on the next open ([`restore_kept_blobs`]); `keep/` goes with the
+//! generation once it is drained. Blobs are rare anyway: the outbox keeps its
+//! records small enough that sled's tree nodes stay inline (see
+//! `RECORD_BYTES`), so only requests of tens of KiB make them.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+/// sled's directory of values too large for its log.
+const BLOBS: &str = "blobs";
+/// Second names of blob files, so that no unlink of sled's can lose one.
+const KEEP: &str = "keep";
+
+/// `fsync` of a file or directory by path.
+pub fn sync_path(path: &Path) -> io::Result<()> {
+    File::open(path)?.sync_all()
+}
+
+/// Syncs what sled wrote without syncing when it opened a generation.
+pub fn after_open(dir: &Path) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let sled_file =
+            name == "conf" || name == "db" || name.to_string_lossy().starts_with("snap.");
+        if sled_file && entry.file_type()?.is_file() {
+            sync_path(&entry.path())?;
+        }
+    }
+    if dir.join(BLOBS).is_dir() {
+        sync_path(&dir.join(BLOBS))?;
+    }
+    sync_path(dir)
+}
+
+/// Puts back blob files that sled unlinked but whose unlink outlived the
+/// log that made them unneeded (see the module doc). Before sled opens `dir`.
+pub fn restore_kept_blobs(dir: &Path) -> io::Result<usize> {
+    let kept = match std::fs::read_dir(dir.join(KEEP)) {
+        Ok(kept) => kept,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut restored = 0;
+    for entry in kept {
+        let entry = entry?;
+        let blob = dir.join(BLOBS).join(entry.file_name());
+        if !blob.exists() {
+            std::fs::create_dir_all(dir.join(BLOBS))?;
+            std::fs::hard_link(entry.path(), &blob)?;
+            restored += 1;
+        }
+    }
+    if restored > 0 {
+        sync_path(&dir.join(BLOBS))?;
+    }
+    Ok(restored)
+}
+
+/// The blob files of one generation already made durable.
+#[derive(Default)]
+pub struct Blobs {
+    synced: HashSet<OsString>,
+}
+
+impl Blobs {
+    /// Makes every blob file sled created since the last call durable, with
+    /// a second name in `keep/`. A cheap `readdir` when there are none.
+    pub fn sync_new(&mut self, dir: &Path) -> io::Result<()> {
+        let entries = match std::fs::read_dir(dir.join(BLOBS)) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut present = HashSet::new();
+        let mut new = Vec::new();
+        for entry in entries {
+            let name = entry?.file_name();
+            if !self.synced.contains(&name) {
+                new.push(name.clone());
+            }
+            present.insert(name);
+        }
+        // Names sled removed need no tracking any more.
+        self.synced.retain(|name| present.contains(name));
+        if new.is_empty() {
+            return Ok(());
+        }
+        let keep = dir.join(KEEP);
+        if !keep.is_dir() {
+            std::fs::create_dir(&keep)?;
+            sync_path(dir)?;
+        }
+        for name in &new {
+            let blob = dir.join(BLOBS).join(name);
+            match File::open(&blob) {
+                Ok(file) => file.sync_all()?,
+                // Written and already replaced: nothing can point to it.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            }
+            match std::fs::hard_link(&blob, keep.join(name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            }
+            self.synced.insert(name.clone());
+        }
+        sync_path(&dir.join(BLOBS))?;
+        sync_path(&keep)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_blobs_get_a_second_name_that_restores_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        std::fs::create_dir(dir.join(BLOBS)).unwrap();
+        std::fs::write(dir.join(BLOBS).join("42"), b"blob").unwrap();
+        let mut blobs = Blobs::default();
+        blobs.sync_new(dir).unwrap();
+        assert_eq!(std::fs::read(dir.join(KEEP).join("42")).unwrap(), b"blob");
+        // sled unlinks it; the next open brings it back.
+        std::fs::remove_file(dir.join(BLOBS).join("42")).unwrap();
+        assert_eq!(restore_kept_blobs(dir).unwrap(), 1);
+        assert_eq!(std::fs::read(dir.join(BLOBS).join("42")).unwrap(), b"blob");
+        assert_eq!(restore_kept_blobs(dir).unwrap(), 0);
+        // Nothing new: nothing done, and a removed name is forgotten.
+        std::fs::remove_file(dir.join(BLOBS).join("42")).unwrap();
+        blobs.sync_new(dir).unwrap();
+        assert!(blobs.synced.is_empty());
+    }
+}
