@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Instruction counts of the uplink path, which stay the same on a noisy
 # machine (callgrind counts instructions, not time):
-#   benches/profile.sh
+#   benches/profile.sh          (BIN=... OUT=... for another build)
 # Runs the gateway under callgrind twice, for N1 and N2 messages from 10
 # connections, against a tansu broker; the difference divided by N2 - N1 is
 # what one message costs the gateway (its own code and librdkafka's, without
@@ -14,11 +14,15 @@ n2="${N2:-60000}"
 .ci/install-tansu.sh
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
-# The release profile with symbols, in a target directory of its own.
-CARGO_TARGET_DIR=target/profiling CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
-  cargo build --release --locked >&2
-bin="$PWD/target/profiling/release/edgegate"
-out="$PWD/benches/profile.txt"
+# The release profile with symbols, in a target directory of its own; or
+# BIN=path (another build, e.g. before a change: totals need no symbols) and
+# OUT=path for its figures.
+bin="${BIN:-$PWD/target/profiling/release/edgegate}"
+out="${OUT:-$PWD/benches/profile.txt}"
+if [ -z "${BIN:-}" ]; then
+  CARGO_TARGET_DIR=target/profiling CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
+    cargo build --release --locked >&2
+fi
 work=$(mktemp -d)
 cleanup() { xargs -r kill 2>/dev/null <"$work/pids" || true; rm -rf "$work"; }
 touch "$work/pids"

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Two gateway builds side by side in one run, against one broker:
+#   benches/compare.sh BIN_A BIN_B [ROUNDS]
+# e.g. the build before a change against the build after it. Each round runs
+# the raw librdkafka producer, then the same uplink load (50 connections,
+# 400,000 requests of 200 bytes, every ack verified in the topic) through A,
+# then through B, each gateway on its own fresh data directory under
+# DATA_ROOT (default: a temporary directory, so the real disk's fsync cost is
+# in the figures). Prints each line, then per build the median msgs/s, its
+# ratio to raw, the median ack p50/p99, and the bytes the gateway process
+# wrote to disk per acked request (write_bytes in /proc/PID/io: flash wear).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ $# -ge 2 ] || { echo "usage: benches/compare.sh BIN_A BIN_B [ROUNDS]" >&2; exit 64; }
+bin_a=$(realpath "$1") bin_b=$(realpath "$2") rounds="${3:-5}"
+.ci/install-tansu.sh
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+work=$(mktemp -d "${DATA_ROOT:-${TMPDIR:-/tmp}}/compare.XXXXXX")
+cleanup() { xargs -r kill 2>/dev/null <"$work/pids" || true; rm -rf "$work"; }
+touch "$work/pids"
+trap cleanup EXIT
+ulimit -n "$(ulimit -Hn)"
+
+broker=127.0.0.1:21592
+(cd "$work" && exec tansu broker --listener-url "tcp://$broker" --advertised-listener-url "tcp://$broker" \
+  --storage-engine memory://tansu/ >tansu.log 2>&1) &
+echo $! >>"$work/pids"
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/${broker%:*}/${broker#*:}") 2>/dev/null && break; sleep 0.1; done
+for t in cmp_raw cmp_a cmp_b; do
+  tansu topic create "$t" --broker "tcp://$broker" --partitions 3 >/dev/null
+done
+
+wait_http() { for _ in $(seq 400); do curl -sf "http://$1/$2" >/dev/null && return 0; sleep 0.025; done; return 1; }
+gateway() { # BIN NAME LISTEN ADMIN TOPIC
+  env EDGEGATE_KAFKA_PRODUCER_TOPIC="$5" EDGEGATE_KAFKA_CONSUMER_TOPICS=cmp_raw RUST_LOG=warn \
+    "$1" --brokers "$broker" --listen "$3" --admin-listen "$4" --data-dir "$work/$2" >"$work/$2.log" 2>&1 &
+  local pid=$!
+  echo "$pid" >>"$work/pids"
+  wait_http "$4" readyz
+  echo "$pid"
+}
+uplink() { # LISTEN TOPIC
+  "$bin_b" bench uplink --gateway "$1" --brokers "$broker" --topic "$2" --partitions 3 \
+    --connections 50 --window 64 --messages 400000 2>/dev/null
+}
+
+gw_a=$(gateway "$bin_a" a 127.0.0.1:21600 127.0.0.1:21680 cmp_a)
+gw_b=$(gateway "$bin_b" b 127.0.0.1:21601 127.0.0.1:21681 cmp_b)
+: >"$work/lines"
+for i in $(seq "$rounds"); do
+  echo "raw $("$bin_b" bench raw --brokers "$broker" --topic cmp_raw --messages 400000 2>/dev/null)" | tee -a "$work/lines"
+  echo "A $(uplink 127.0.0.1:21600 cmp_a)" | tee -a "$work/lines"
+  echo "B $(uplink 127.0.0.1:21601 cmp_b)" | tee -a "$work/lines"
+done
+
+median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+field() { grep "^$1 " "$work/lines" | tr ' ' '\n' | sed -n "s/^$2=//p" | median; }
+raw=$(field raw msgs_per_sec)
+for side in A B; do
+  pid=$gw_a; [ "$side" = B ] && pid=$gw_b
+  written=$(awk '/^write_bytes/{print $2}' "/proc/$pid/io")
+  rate=$(field "$side" msgs_per_sec)
+  missing=$(grep "^$side " "$work/lines" | tr ' ' '\n' | sed -n 's/^missing=//p' | paste -sd+ | bc)
+  echo "$side: median msgs_per_sec=$rate ratio_to_raw=$(awk "BEGIN{printf \"%.3f\", $rate / $raw}") p50_ms=$(field "$side" p50_ms) p99_ms=$(field "$side" p99_ms) missing=$missing disk_bytes_per_request=$(( written / (rounds * 400000) ))"
+done
+echo "raw: median msgs_per_sec=$raw; A=$bin_a B=$bin_b; $rounds rounds"
