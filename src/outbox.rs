@@ -11,10 +11,11 @@
 //! as it is drained (that gives disk back), and only the newest and the one
 //! being drained are open (that keeps memory flat whatever the backlog).
 //!
-//! Each group commit is stored as records of about 32 KiB, each under its own
+//! Each group commit is stored as records of at most 7 KiB, each under its own
 //! seq, all inserted before one flush: sled's cost is per insert and per
-//! remove, so a record per request would cap throughput, and values above
-//! about 128 KiB would go to sled's blob files, which cost more disk.
+//! remove, so a record per request would cap throughput, and tree nodes above
+//! about 128 KiB would go to sled's blob files, each needing syncs of its own
+//! (see [`RECORD_BYTES`]).
 //!
 //! ```text
 //! key   = seq: u64 big-endian (so sled's order is append order)
@@ -24,6 +25,9 @@
 //! ```
 //!
 //! The crc32 covers `count` and every entry. Below, "batch" means one record.
+//!
+//! sled leaves its files unsynced; [`durable`] says what the outbox syncs and
+//! when, and why blob files get a second name in `<generation>/keep/`.
 //!
 //! Beside sled's files, two marks (seq u64 LE | crc32 u32 LE, written in
 //! place): `<generation>/flushed`, the seq after the last flushed batch of
@@ -35,8 +39,9 @@
 //!
 //! # Invariants
 //!
-//! - A batch is inserted and flushed before any request in it is acked, and
-//!   the producer only reads batches below `committed` (flushed ones).
+//! - A batch is inserted, flushed and fsynced (with every file and directory
+//!   entry it depends on) before any request in it is acked, and the
+//!   producer only reads batches below `committed` (synced ones).
 //! - Seqs only grow, across generations too. A generation is named by the
 //!   first seq it holds, and every seq in it is below the next generation's
 //!   name (a new generation starts only after `committed` covers all that
@@ -52,9 +57,10 @@
 //!   generations (measured every 500 ms, plus what was appended since):
 //!   past either, appends fail with [`AppendError::Full`].
 //! - A generation that sled cannot open is moved aside, never deleted.
-//! - `removed` is written before the removal it covers, `flushed` after the
-//!   flush it records: a batch at or above `removed` and below `flushed` was
-//!   acknowledged and never removed, so if it is missing, it was lost.
+//! - `removed` is written and synced before any removal it covers, `flushed`
+//!   written after the fsync of the log it records (and synced later): on
+//!   disk, a batch at or above `removed` and below `flushed` was acknowledged
+//!   and never removed, so if it is missing, it was lost.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
