@@ -26,6 +26,8 @@ pub struct Gate {
     pub damper: Damper,
     /// For the auth frame (token mode) and the TLS handshake.
     pub timeout: Duration,
+    /// Bytes of an incomplete frame held before authentication.
+    pub max_pending_bytes: usize,
 }
 
 impl Gate {
@@ -45,6 +47,7 @@ impl Gate {
             revoked: Arc::new(revoked),
             damper: Damper::new(metrics),
             timeout: cfg.timeout,
+            max_pending_bytes: cfg.max_pending_bytes,
         })
     }
 }

@@ -25,6 +25,17 @@ pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 10;
 /// Downlink messages queued for one device that is not reading; past it the
 /// device is disconnected rather than letting memory grow.
 pub const DEFAULT_MAX_PENDING_DOWNLINK: u64 = 1_000;
+/// PROTOCOL 7: reply bytes waiting for a device that does not read, before
+/// the gateway stops reading its frames.
+pub const DEFAULT_MAX_PENDING_REPLY_BYTES: u64 = 256 << 10;
+/// Bytes of incomplete frames held across all connections. Not in the
+/// contract: sized so that hostile half-sent lines cannot take more than a
+/// small hub's spare memory, while a thousand devices can each have a
+/// 64 KiB frame split across reads at once.
+pub const DEFAULT_MAX_PARTIAL_BYTES: u64 = 64 << 20;
+/// PROTOCOL 7: bytes of an incomplete frame a connection may hold before it
+/// has authenticated (an auth frame is a few hundred bytes).
+pub const DEFAULT_AUTH_MAX_PENDING_BYTES: u64 = 4096;
 /// Time a connection has to authenticate (token mode) or to finish its TLS
 /// handshake: enough for a device on a slow link, short enough that
 /// unauthenticated sockets cannot pile up.
@@ -79,6 +90,7 @@ pub struct AuthConfig {
     pub token_key_file: Option<PathBuf>,
     pub revoked_file: Option<PathBuf>,
     pub timeout: Duration,
+    pub max_pending_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +109,8 @@ pub struct ListenerConfig {
     pub max_connections: usize,
     pub idle_timeout: Duration,
     pub max_pending_downlink: usize,
+    pub max_pending_reply_bytes: usize,
+    pub max_partial_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -177,6 +191,16 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "downlink messages queued for a device that does not read, before it is disconnected",
     ),
     (
+        "listener.max_pending_reply_bytes",
+        "262144",
+        "reply bytes waiting for a device that does not read; past it its frames are not read until it does",
+    ),
+    (
+        "listener.max_partial_bytes",
+        "67108864",
+        "bytes of incomplete frames held across all connections; a connection that would go past it is closed",
+    ),
+    (
         "kafka.brokers",
         "localhost:9092",
         "bootstrap brokers, comma-separated",
@@ -237,6 +261,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "close a connection that has not authenticated (or finished its TLS handshake) by then",
     ),
     (
+        "auth.max_pending_bytes",
+        "4096",
+        "token mode: bytes of an incomplete frame held before authentication; past it the connection is closed",
+    ),
+    (
         "tls.address",
         "",
         "TLS device listener, e.g. 0.0.0.0:3443; empty: off",
@@ -294,6 +323,12 @@ impl Config {
             "listener.max_pending_downlink = {}",
             l.max_pending_downlink
         );
+        let _ = writeln!(
+            s,
+            "listener.max_pending_reply_bytes = {}",
+            l.max_pending_reply_bytes
+        );
+        let _ = writeln!(s, "listener.max_partial_bytes = {}", l.max_partial_bytes);
         let k = &self.kafka;
         let _ = writeln!(s, "kafka.brokers = {}", q(&k.brokers));
         let _ = writeln!(s, "kafka.producer_topic = {}", q(&k.producer_topic));
@@ -336,6 +371,7 @@ impl Config {
         let _ = writeln!(s, "auth.token_key_file = {}", path(&a.token_key_file));
         let _ = writeln!(s, "auth.revoked_file = {}", path(&a.revoked_file));
         let _ = writeln!(s, "auth.timeout_secs = {}", a.timeout.as_secs());
+        let _ = writeln!(s, "auth.max_pending_bytes = {}", a.max_pending_bytes);
         let t = &self.tls;
         let address = t.address.map(|a| a.to_string()).unwrap_or_default();
         let _ = writeln!(s, "tls.address = {}", q(&address));
@@ -558,6 +594,18 @@ impl<'a> Layers<'a> {
                 1,
                 1_000_000,
             )? as usize,
+            max_pending_reply_bytes: self.number(
+                "listener.max_pending_reply_bytes",
+                DEFAULT_MAX_PENDING_REPLY_BYTES,
+                4096,
+                64 << 20,
+            )? as usize,
+            max_partial_bytes: self.number(
+                "listener.max_partial_bytes",
+                DEFAULT_MAX_PARTIAL_BYTES,
+                64 << 10,
+                1 << 40,
+            )? as usize,
         };
         let brokers = self.string("kafka.brokers", "localhost:9092")?;
         if brokers.is_empty() {
@@ -647,6 +695,12 @@ impl<'a> Layers<'a> {
                 1,
                 3600,
             )?),
+            max_pending_bytes: self.number(
+                "auth.max_pending_bytes",
+                DEFAULT_AUTH_MAX_PENDING_BYTES,
+                256,
+                64 << 20,
+            )? as usize,
         };
         let address = self.string("tls.address", "")?;
         let tls = TlsConfig {

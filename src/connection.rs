@@ -8,7 +8,7 @@
 use std::cell::RefCell;
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream};
-use std::ops::Range;
+use std::ops::{ControlFlow, Range};
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +35,8 @@ const READ_CHUNK: usize = 64 << 10;
 const FRAMES_PER_YIELD: usize = 256;
 /// Downlink bytes gathered into one write.
 const DOWNLINK_WRITE_BYTES: usize = 64 << 10;
+/// An ack without its uid: `{"action":"ack","uid":,"messageId":"<36>","status":"accepted"}\n`.
+const ACK_BYTES: usize = 96;
 
 thread_local! {
     static READ_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; READ_CHUNK]);
@@ -117,9 +119,16 @@ async fn open(
         auth,
         idle_timer: Timer::after(first_deadline),
         since_yield: 0,
+        stash: Vec::new(),
+        stash_used: 0,
+        partial_held: 0,
     };
     let end = conn.run(&mailbox).await;
     conn.transport.close().await;
+    shared
+        .metrics
+        .partial_bytes
+        .fetch_sub(conn.partial_held as i64, Relaxed);
     end
 }
 
@@ -197,6 +206,8 @@ enum Closed {
     ShuttingDown,
     AuthTimeout,
     Unauthorized,
+    /// Its incomplete frame would go past `listener.max_partial_bytes`.
+    PartialBudget,
 }
 
 /// Where a connection stands with authentication (PROTOCOL 5).
@@ -224,6 +235,14 @@ struct Connection {
     idle_timer: Timer,
     /// Frames since the task last yielded.
     since_yield: usize,
+    /// Bytes read but not decoded yet, because the replies of those before
+    /// them reached `listener.max_pending_reply_bytes`. Nothing more is read
+    /// from the socket while it holds any.
+    stash: Vec<u8>,
+    /// How much of `stash` was decoded already.
+    stash_used: usize,
+    /// What this connection's partial frame counts in `partial_bytes`.
+    partial_held: usize,
 }
 
 enum Wake {
@@ -235,6 +254,9 @@ enum Wake {
 /// The frames of one read, before their append is on disk.
 #[derive(Default)]
 struct Work {
+    /// Accepted requests, each to be answered with an ack of about
+    /// [`ACK_BYTES`].
+    accepted: usize,
     /// Reply text and the uids of accepted requests, referenced by range.
     text: Vec<u8>,
     replies: Vec<Reply>,
@@ -242,6 +264,13 @@ struct Work {
     frames: usize,
     /// Set when the connection closes after these replies.
     close: Option<Closed>,
+}
+
+impl Work {
+    /// What the replies will take once written.
+    fn reply_bytes(&self) -> usize {
+        self.text.len() + self.accepted * ACK_BYTES
+    }
 }
 
 enum Reply {
@@ -260,6 +289,21 @@ enum Step {
 impl Connection {
     async fn run(&mut self, mailbox: &Mailbox) -> io::Result<Closed> {
         loop {
+            if !self.stash.is_empty() {
+                // Frames left over from an earlier read.
+                let stash = std::mem::take(&mut self.stash);
+                let (work, used) = self.take_input(&stash[self.stash_used..]);
+                self.stash_used += used;
+                if self.stash_used < stash.len() {
+                    self.stash = stash;
+                } else {
+                    self.stash_used = 0;
+                }
+                if let Some(closed) = Box::pin(self.handle(work)).await? {
+                    return Ok(closed);
+                }
+                continue;
+            }
             let transport = &mut self.transport;
             let timer = &mut self.idle_timer;
             let wake = smol::future::or(
@@ -279,7 +323,7 @@ impl Connection {
                         Ready::Read(0) => Some(Closed::ByPeer),
                         Ready::Read(n) => {
                             let buf = self.transport.take_buffer();
-                            let work = self.decode(&buf[..n]);
+                            let work = self.take_input_read(&buf[..n]);
                             self.transport.put_buffer(buf);
                             Box::pin(self.handle(work)).await?
                         }
@@ -311,12 +355,15 @@ impl Connection {
     /// Plain TCP: reads and answers until the socket has nothing more for now.
     async fn read_frames(&mut self) -> io::Result<Option<Closed>> {
         loop {
+            if !self.stash.is_empty() {
+                return Ok(None); // the run loop answers those first
+            }
             let step = READ_BUF.with(|buf| {
                 let mut buf = buf.borrow_mut();
                 loop {
                     match self.transport.socket().get_ref().read(&mut buf) {
                         Ok(0) => return Ok(Step::Eof),
-                        Ok(n) => return Ok(Step::Work(self.decode(&buf[..n]))),
+                        Ok(n) => return Ok(Step::Work(self.take_input_read(&buf[..n]))),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             return Ok(Step::Drained)
                         }
@@ -356,8 +403,10 @@ impl Connection {
         Ok(None)
     }
 
-    /// Decodes and checks the frames of one read (no I/O).
-    fn decode(&mut self, bytes: &[u8]) -> Work {
+    /// Decodes and checks the frames of one read (no I/O), stopping once
+    /// their replies reach `listener.max_pending_reply_bytes`; returns them
+    /// and how many bytes it used.
+    fn decode(&mut self, bytes: &[u8]) -> (Work, usize) {
         let mut work = Work::default();
         let Connection {
             shared,
@@ -372,7 +421,8 @@ impl Connection {
         } = self;
         let shared = &**shared;
         let now = Timestamp::now();
-        decoder.decode(bytes, |frame| {
+        let budget = shared.limits.max_pending_reply_bytes;
+        let mut on_frame = |work: &mut Work, frame: Frame<'_>| {
             work.frames += 1;
             shared.metrics.frames.fetch_add(1, Relaxed);
             if work.close.is_some() {
@@ -381,7 +431,14 @@ impl Connection {
             let start = work.text.len();
             let line = match frame {
                 Frame::TooLarge if *auth == AuthState::Pending => {
-                    refuse(&mut work, shared, *peer, None, AuthFailure::NotAuthFirst, NOT_AUTH_FIRST);
+                    refuse(
+                        work,
+                        shared,
+                        *peer,
+                        None,
+                        AuthFailure::NotAuthFirst,
+                        NOT_AUTH_FIRST,
+                    );
                     return;
                 }
                 Frame::TooLarge => {
@@ -389,7 +446,7 @@ impl Connection {
                         "the frame is longer than {} bytes and was discarded",
                         shared.limits.max_frame_bytes
                     );
-                    error(&mut work, shared, None, ErrorCode::FrameTooLarge, &msg);
+                    error(work, shared, None, ErrorCode::FrameTooLarge, &msg);
                     return;
                 }
                 Frame::Line(line) => line,
@@ -406,7 +463,14 @@ impl Connection {
                 }
                 Ok(Inbound::Request(req)) if *auth == AuthState::Pending => {
                     if req.action.value != "auth" {
-                        refuse(&mut work, shared, *peer, Some(req.uid.raw), AuthFailure::NotAuthFirst, NOT_AUTH_FIRST);
+                        refuse(
+                            work,
+                            shared,
+                            *peer,
+                            Some(req.uid.raw),
+                            AuthFailure::NotAuthFirst,
+                            NOT_AUTH_FIRST,
+                        );
                         return;
                     }
                     match authenticate(shared, &req) {
@@ -417,7 +481,9 @@ impl Connection {
                                 mailbox.clone(),
                                 &device,
                             );
-                            log::debug!("connection {client_id} from {peer} authenticated as {device}");
+                            log::debug!(
+                                "connection {client_id} from {peer} authenticated as {device}"
+                            );
                             *bound = Some(device);
                             *auth = AuthState::Done;
                             shared.metrics.auth_ok.fetch_add(1, Relaxed);
@@ -426,13 +492,20 @@ impl Connection {
                         }
                         Err((why, msg)) => {
                             log::info!("refused authentication from {peer}: {msg}");
-                            refuse(&mut work, shared, *peer, Some(req.uid.raw), why, msg);
+                            refuse(work, shared, *peer, Some(req.uid.raw), why, msg);
                         }
                     }
                 }
                 Err(rejection) if *auth == AuthState::Pending => {
                     let uid = rejection.uid_json.as_deref();
-                    refuse(&mut work, shared, *peer, uid, AuthFailure::NotAuthFirst, NOT_AUTH_FIRST);
+                    refuse(
+                        work,
+                        shared,
+                        *peer,
+                        uid,
+                        AuthFailure::NotAuthFirst,
+                        NOT_AUTH_FIRST,
+                    );
                 }
                 Err(rejection) => {
                     shared.metrics.error(rejection.code);
@@ -442,20 +515,32 @@ impl Connection {
                 Ok(Inbound::Request(req)) => {
                     if *auth == AuthState::Done && req.action.value == "auth" {
                         let msg = "this connection is already authenticated";
-                        error(&mut work, shared, Some(req.uid.raw), ErrorCode::BadRequest, msg);
+                        error(work, shared, Some(req.uid.raw), ErrorCode::BadRequest, msg);
                         return;
                     }
                     if shared.shutting_down.load(Relaxed) {
                         work.close = Some(Closed::ShuttingDown);
                         let msg = "the gateway is shutting down; send this request again after reconnecting";
-                        error(&mut work, shared, Some(req.uid.raw), ErrorCode::ShuttingDown, msg);
+                        error(
+                            work,
+                            shared,
+                            Some(req.uid.raw),
+                            ErrorCode::ShuttingDown,
+                            msg,
+                        );
                         return;
                     }
                     let bound = bound.as_deref();
                     if let (Some(b), Some(claimed)) = (bound, &req.device_uid) {
                         if *b != *claimed.value {
                             let msg = "this connection is bound to another deviceUid";
-                            error(&mut work, shared, Some(req.uid.raw), ErrorCode::Unauthorized, msg);
+                            error(
+                                work,
+                                shared,
+                                Some(req.uid.raw),
+                                ErrorCode::Unauthorized,
+                                msg,
+                            );
                             return;
                         }
                     }
@@ -471,16 +556,85 @@ impl Connection {
                         protocol::write_envelope(out, &req, &origin, &message_id, &now)
                     });
                     work.text.extend_from_slice(req.uid.raw.as_bytes());
-                    work.replies.push(Reply::Pending(start..work.text.len(), message_id));
+                    work.accepted += 1;
+                    work.replies
+                        .push(Reply::Pending(start..work.text.len(), message_id));
                 }
             }
+        };
+        let used = decoder.decode_until(bytes, |frame| {
+            on_frame(&mut work, frame);
+            // A turn answers a bounded number of frames, then other
+            // connections get theirs (the rest of the read waits).
+            if work.close.is_some()
+                || work.reply_bytes() >= budget
+                || work.frames >= FRAMES_PER_YIELD
+            {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
         });
+        (work, used)
+    }
+
+    /// Decodes a read from the socket, keeping what [`Connection::decode`]
+    /// left for later: nothing more is read from the socket until it is used.
+    fn take_input_read(&mut self, bytes: &[u8]) -> Work {
+        let (work, used) = self.take_input(bytes);
+        if used < bytes.len() {
+            self.stash.extend_from_slice(&bytes[used..]);
+            self.stash_used = 0;
+        }
         work
+    }
+
+    /// Decodes input and holds the connection to its budgets for partial
+    /// frames; returns the work and how many bytes it used.
+    fn take_input(&mut self, bytes: &[u8]) -> (Work, usize) {
+        let (mut work, used) = self.decode(bytes);
+        if used < bytes.len() {
+            self.shared.metrics.input_deferred.fetch_add(1, Relaxed);
+        }
+        let held = self.decoder.buffered();
+        let metrics = &self.shared.metrics;
+        let total = metrics
+            .partial_bytes
+            .fetch_add(held as i64 - self.partial_held as i64, Relaxed)
+            + (held as i64 - self.partial_held as i64);
+        let grew = held > self.partial_held;
+        self.partial_held = held;
+        if work.close.is_some() {
+            return (work, used);
+        }
+        if self.auth == AuthState::Pending && held > self.shared.gate.max_pending_bytes {
+            metrics.connections_closed_partial.fetch_add(1, Relaxed);
+            let msg = "authenticate first: before authentication a frame may hold only auth.max_pending_bytes";
+            refuse(
+                &mut work,
+                &self.shared,
+                self.peer,
+                None,
+                AuthFailure::NotAuthFirst,
+                msg,
+            );
+        } else if grew && total > self.shared.limits.max_partial_bytes as i64 {
+            metrics.connections_closed_partial.fetch_add(1, Relaxed);
+            log::warn!(
+                "closing {}: its incomplete frame would take the gateway past listener.max_partial_bytes ({} bytes held by all connections)",
+                self.peer,
+                total
+            );
+            let msg = "the gateway holds too many incomplete frames; send whole frames";
+            error(&mut work, &self.shared, None, ErrorCode::ServerBusy, msg);
+            work.close = Some(Closed::PartialBudget);
+        }
+        (work, used)
     }
 
     /// Stores the accepted requests, then writes every reply in order.
     /// Returns why the connection must close, if it must.
-    async fn answer(&mut self, work: Work) -> io::Result<Option<Closed>> {
+    async fn answer(&mut self, mut work: Work) -> io::Result<Option<Closed>> {
         if work.replies.is_empty() {
             return Ok(None);
         }
@@ -520,8 +674,11 @@ impl Connection {
                 }
             }
         }
+        // Only the bytes being written stay alive while the device reads.
+        let close = work.close.take();
+        drop((work.text, work.replies));
         self.write(&out).await?;
-        Ok(work.close)
+        Ok(close)
     }
 
     async fn write_downlink(&mut self, first: Downlink, mailbox: &Mailbox) -> io::Result<()> {
@@ -648,6 +805,7 @@ mod tests {
             token_key_file: None,
             revoked_file: None,
             timeout: Duration::from_secs(10),
+            max_pending_bytes: 4096,
         };
         let shared = Arc::new(Shared {
             server_id: "gw".into(),
@@ -657,6 +815,8 @@ mod tests {
                 max_connections: 10,
                 idle_timeout: Duration::from_secs(300),
                 max_pending_downlink: 10,
+                max_pending_reply_bytes: 256 << 10,
+                max_partial_bytes: 64 << 20,
             },
             metrics: metrics.clone(),
             router: Arc::new(crate::router::Router::new("gw".into(), 10, metrics.clone())),

@@ -5,6 +5,8 @@
 //! its newline without being buffered, so a hostile 32 MiB line costs nothing
 //! beyond the read buffer.
 
+use std::ops::ControlFlow;
+
 /// One decoded unit of input.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame<'a> {
@@ -34,40 +36,65 @@ impl LineDecoder {
     }
 
     /// Feeds one read's worth of bytes, calling `emit` for every frame that
-    /// completes, in order.
+    /// completes, in order. (The gateway uses [`LineDecoder::decode_until`];
+    /// the tests and the fuzz target read this simpler form.)
+    #[allow(dead_code)]
     pub fn decode(&mut self, chunk: &[u8], mut emit: impl FnMut(Frame<'_>)) {
+        self.decode_until(chunk, |frame| {
+            emit(frame);
+            ControlFlow::Continue(())
+        });
+    }
+
+    /// Like [`LineDecoder::decode`], but stops right after a frame for which
+    /// `emit` breaks, and returns how many bytes of `chunk` it used: all of
+    /// them unless it stopped. After a stop no line is pending, so the
+    /// caller feeds the rest of the chunk later (back-pressure on a
+    /// connection whose replies pile up).
+    pub fn decode_until(
+        &mut self,
+        chunk: &[u8],
+        mut emit: impl FnMut(Frame<'_>) -> ControlFlow<()>,
+    ) -> usize {
         let mut rest = chunk;
         while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
             let head = &rest[..pos];
             rest = &rest[pos + 1..];
-            if self.discarding {
+            let flow = if self.discarding {
                 self.discarding = false;
-                emit(Frame::TooLarge);
+                emit(Frame::TooLarge)
             } else if self.partial.is_empty() {
-                self.finish_line(head, &mut emit);
+                self.finish_line(head, &mut emit)
             } else if self.partial.len() + head.len() > self.max_frame + 1 {
                 self.release_partial();
-                emit(Frame::TooLarge);
+                emit(Frame::TooLarge)
             } else {
                 let mut line = std::mem::take(&mut self.partial);
                 line.extend_from_slice(head);
-                self.finish_line(&line, &mut emit);
+                let flow = self.finish_line(&line, &mut emit);
                 line.clear();
                 // Keep the allocation only if it is small; a burst of big split
                 // frames must not pin memory on an otherwise idle connection.
                 if line.capacity() <= 4096 {
                     self.partial = line;
                 }
+                flow
+            };
+            if flow.is_break() {
+                if !rest.is_empty() {
+                    self.release_partial();
+                }
+                return chunk.len() - rest.len();
             }
         }
         if rest.is_empty() {
             if self.partial.is_empty() {
                 self.release_partial();
             }
-            return;
+            return chunk.len();
         }
         if self.discarding {
-            return;
+            return chunk.len();
         }
         // One byte of slack for a `\r` that may be followed by `\n`.
         if self.partial.len() + rest.len() > self.max_frame + 1 {
@@ -76,14 +103,26 @@ impl LineDecoder {
         } else {
             self.partial.extend_from_slice(rest);
         }
+        chunk.len()
     }
 
-    fn finish_line(&self, line: &[u8], emit: &mut impl FnMut(Frame<'_>)) {
+    /// Memory held for a line split across reads (its buffer's capacity).
+    pub fn buffered(&self) -> usize {
+        self.partial.capacity()
+    }
+
+    fn finish_line(
+        &self,
+        line: &[u8],
+        emit: &mut impl FnMut(Frame<'_>) -> ControlFlow<()>,
+    ) -> ControlFlow<()> {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.len() > self.max_frame {
-            emit(Frame::TooLarge);
+            emit(Frame::TooLarge)
         } else if !line.iter().all(u8::is_ascii_whitespace) {
-            emit(Frame::Line(line));
+            emit(Frame::Line(line))
+        } else {
+            ControlFlow::Continue(())
         }
     }
 
@@ -105,6 +144,30 @@ mod tests {
             });
         }
         out
+    }
+
+    #[test]
+    fn stopping_and_feeding_the_rest_later_gives_the_same_frames() {
+        let input: &[u8] = b"a\nbb\n\nccc\nddd\r\ne";
+        let whole = frames(&mut LineDecoder::new(100), &[input, b"\n"]);
+        let mut d = LineDecoder::new(100);
+        let mut got = Vec::new();
+        let mut rest = input;
+        while !rest.is_empty() {
+            // Stop after every frame.
+            let used = d.decode_until(rest, |f| {
+                got.push(match f {
+                    Frame::Line(l) => Ok(l.to_vec()),
+                    Frame::TooLarge => Err(()),
+                });
+                ControlFlow::Break(())
+            });
+            assert!(used > 0);
+            rest = &rest[used..];
+        }
+        got.extend(frames(&mut d, &[b"\n"]));
+        assert_eq!(got, whole);
+        assert_eq!(got.len(), 5);
     }
 
     #[test]

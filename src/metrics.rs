@@ -16,6 +16,13 @@ pub struct Metrics {
     pub connections_closed_idle: AtomicU64,
     pub connections_closed_slow: AtomicU64,
     pub connections_taken_over: AtomicU64,
+    /// Connections closed because their partial frame would go past
+    /// `listener.max_partial_bytes`.
+    pub connections_closed_partial: AtomicU64,
+    /// Times a connection's decoding stopped before the end of its input.
+    pub input_deferred: AtomicU64,
+    /// Bytes held in partial frames, all connections.
+    pub partial_bytes: AtomicI64,
     pub frames: AtomicU64,
     pub acks: AtomicU64,
     pub errors: [AtomicU64; 8],
@@ -161,6 +168,16 @@ impl Metrics {
             "edgegate_connections_taken_over_total",
             "Connections closed because a newer connection bound the same deviceUid.",
             get(&self.connections_taken_over),
+        );
+        counter(
+            "edgegate_connections_partial_closed_total",
+            "Connections closed because their incomplete frame would go past listener.max_partial_bytes (all connections) or, before authentication, auth.max_pending_bytes.",
+            get(&self.connections_closed_partial),
+        );
+        counter(
+            "edgegate_input_deferred_total",
+            "Times a connection's frames were left for later, unread from the socket meanwhile: its turn of 256 frames ended, or its replies reached listener.max_pending_reply_bytes.",
+            get(&self.input_deferred),
         );
         counter(
             "edgegate_frames_total",
@@ -310,6 +327,11 @@ impl Metrics {
             "edgegate_connections",
             "Open device connections.",
             self.connections_open.load(Relaxed),
+        );
+        gauge(
+            "edgegate_partial_frame_bytes",
+            "Bytes held for frames split across reads, all connections.",
+            self.partial_bytes.load(Relaxed),
         );
         gauge(
             "edgegate_outbox_records",

@@ -436,3 +436,43 @@ fn key_file_rules_stop_the_gateway_and_the_token_command() {
     assert_eq!(mint("dev-1", &good), mint("dev-1", &good));
     assert_ne!(mint("dev-1", &good), mint("dev-2", &good));
 }
+
+#[test]
+fn before_authentication_a_half_sent_frame_is_capped() {
+    use std::io::Write;
+    let t = token_gateway(GatewayOptions::offline());
+    let gw = &t.gw;
+    // Under auth.max_pending_bytes (4096): kept, the connection stays.
+    let mut under = gw.device();
+    under.send_raw(&[b'a'; 4000]);
+    // Past it: refused and closed, whatever the frame size limit.
+    let mut over = gw.device();
+    over.send_raw(b"{\"action\":\"auth\",\"uid\":\"");
+    over.send_raw(&[b'a'; 5000]);
+    let reply = over.json();
+    assert_eq!(reply["errorCode"], "unauthorized", "{reply}");
+    assert!(over.closed_within(Duration::from_secs(5)));
+    assert!(!under.closed_within(Duration::from_millis(500)));
+    assert_eq!(gw.metric("edgegate_connections_partial_closed_total"), 1.0);
+    // Many such connections cost little: each is closed at 4 KiB.
+    let rss_before = rss_kib(gw.pid());
+    let mut many = Vec::new();
+    for _ in 0..500 {
+        // Each from its own address: damping would refuse them at accept.
+        let mut s = connect_from(gw.port, fresh_source()).unwrap();
+        s.set_write_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let _ = s.write_all(&[b'a'; 65_000]);
+        many.push(s);
+    }
+    gw.wait_metric("edgegate_connections_partial_closed_total", |v| v >= 501.0);
+    let rss_after = rss_kib(gw.pid());
+    eprintln!(
+        "500 unauthenticated 65,000-byte half frames: RSS {rss_before} KiB -> {rss_after} KiB"
+    );
+    assert!(
+        rss_after.saturating_sub(rss_before) < 16 * 1024,
+        "RSS grew by {} KiB",
+        rss_after - rss_before
+    );
+}
