@@ -10,9 +10,6 @@
 
 mod common;
 
-use std::thread;
-use std::time::Duration;
-
 use common::*;
 
 const DEVICES: usize = 4;
@@ -32,47 +29,22 @@ fn random_kills_lose_nothing_acknowledged() {
     let mut gw = Gateway::start(GatewayOptions::new(broker.addr()).topics(&up, &down));
     let load = Load::start(gw.port, DEVICES);
 
-    let (mut cut_cycles, mut kills_before_ready) = (0, 0);
-    for cycle in 0..cycles {
-        let cut = rng.below(3) == 0;
-        if cut {
-            broker.proxy.cut();
-            cut_cycles += 1;
-        }
-        // One kill in four lands in start-up (sled opening, Kafka set-up),
-        // the others anywhere in 1.5 s of streaming.
-        let life = match rng.below(4) {
-            0 => Duration::from_millis(rng.below(100)),
-            _ => Duration::from_millis(rng.below(1500)),
-        };
-        thread::sleep(life);
-        if !gw.is_ready() {
-            kills_before_ready += 1;
-        }
-        gw.kill_and_respawn();
-        if cut {
-            broker.proxy.restore();
-        }
-        if cycle % 10 == 9 {
-            eprintln!("cycle {}: {} acked so far", cycle + 1, load.acked_count());
-        }
-    }
-    // Let the last gateway come up, take some traffic, and drain.
-    gw.wait_ready();
-    thread::sleep(Duration::from_millis(500));
-    let acked = load.stop();
-    gw.wait_drained();
-    assert!(
-        acked.len() > cycles,
-        "too little traffic to mean anything: {}",
-        acked.len()
+    let stats = interrupt_loop(
+        "crash loop",
+        cycles,
+        &mut rng,
+        &broker,
+        &mut gw,
+        &load,
+        |gw| gw.kill_and_respawn(),
     );
-    let (records, duplicates) = assert_all_delivered(&broker.addr(), &up, 2, &acked);
-    // Nothing was lost, so the last start must not have reported a loss.
-    assert_eq!(gw.metric("edgegate_outbox_lost_batches_total"), 0.0);
+    let (acked, records, duplicates) =
+        settle_and_check(&mut gw, load, &broker.addr(), &up, 2, cycles);
     eprintln!(
-        "crash loop passed: {cycles} kills ({kills_before_ready} before ready, {cut_cycles} with the broker cut), \
+        "crash loop passed: {cycles} kills ({} before ready, {} with the broker cut), \
          {} acked, {records} records, {duplicates} duplicate copies, 0 lost, seed {seed}",
+        stats.before_ready,
+        stats.broker_cut,
         acked.len()
     );
 }

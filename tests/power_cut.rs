@@ -14,9 +14,6 @@
 
 mod common;
 
-use std::thread;
-use std::time::Duration;
-
 use common::cutfs::CutFs;
 use common::*;
 
@@ -59,50 +56,21 @@ fn power_cuts_lose_nothing_acknowledged() {
     let server_id = std::fs::read_to_string(&server_id_path).unwrap();
     let load = Load::start(gw.port, DEVICES);
 
-    let (mut cut_cycles, mut cuts_before_ready) = (0, 0);
-    for cycle in 0..cycles {
-        let cut = rng.below(3) == 0;
-        if cut {
-            broker.proxy.cut();
-            cut_cycles += 1;
-        }
-        // One cut in four lands in start-up (recovery, sled opening), the
-        // others anywhere in 1.5 s of streaming once the gateway is ready.
-        if rng.below(4) == 0 {
-            thread::sleep(Duration::from_millis(rng.below(100)));
-        } else {
-            gw.wait_ready();
-            thread::sleep(Duration::from_millis(rng.below(1500)));
-        }
-        if !gw.is_ready() {
-            cuts_before_ready += 1;
-        }
-        gw.kill();
-        fs.cut();
-        gw.respawn();
-        if cut {
-            broker.proxy.restore();
-        }
-        if cycle % 10 == 9 {
-            eprintln!("cycle {}: {} acked so far", cycle + 1, load.acked_count());
-        }
-    }
-    gw.wait_ready();
-    thread::sleep(Duration::from_millis(500));
-    let acked = load.stop();
-    gw.wait_drained();
-    assert!(
-        acked.len() > cycles,
-        "too little traffic to mean anything: {}",
-        acked.len()
+    let stats = interrupt_loop(
+        "power-cut loop",
+        cycles,
+        &mut rng,
+        &broker,
+        &mut gw,
+        &load,
+        |gw| {
+            gw.kill();
+            fs.cut();
+            gw.respawn();
+        },
     );
-    let (records, duplicates) = assert_all_delivered(&broker.addr(), &up, 2, &acked);
-    assert_eq!(
-        gw.metric("edgegate_outbox_lost_batches_total"),
-        0.0,
-        "a loss was reported where none happened:\n{}",
-        gw.log()
-    );
+    let (acked, records, duplicates) =
+        settle_and_check(&mut gw, load, &broker.addr(), &up, 2, cycles);
     assert_eq!(
         std::fs::read_to_string(&server_id_path).unwrap(),
         server_id,
@@ -110,9 +78,11 @@ fn power_cuts_lose_nothing_acknowledged() {
     );
     let counts = fs.counts();
     eprintln!(
-        "power-cut loop passed: {cycles} cuts ({cuts_before_ready} before ready, {cut_cycles} with the broker cut), \
+        "power-cut loop passed: {cycles} cuts ({} before ready, {} with the broker cut), \
          {} acked, {records} records, {duplicates} duplicate copies, 0 lost; \
          {} unsynced bytes dropped, {} file and {} directory syncs; seed {seed}",
+        stats.before_ready,
+        stats.broker_cut,
         acked.len(),
         counts.bytes_dropped,
         counts.file_syncs,

@@ -947,6 +947,93 @@ pub fn assert_all_delivered(
     (records.len(), records.len() - first.len())
 }
 
+/// How a kill or power-cut loop went.
+pub struct LoopStats {
+    /// Interruptions that came before the gateway was ready.
+    pub before_ready: usize,
+    /// Cycles with the broker link cut.
+    pub broker_cut: usize,
+}
+
+/// The cycles of a kill or power-cut loop: the broker link is cut in about
+/// a third of them; `interrupt` is called at a random moment (one in four
+/// during start-up, the others within 1.5 s of streaming once the gateway
+/// is ready) and must leave the gateway starting again.
+pub fn interrupt_loop(
+    name: &str,
+    cycles: usize,
+    rng: &mut Rng,
+    broker: &Broker,
+    gw: &mut Gateway,
+    load: &Load,
+    mut interrupt: impl FnMut(&mut Gateway),
+) -> LoopStats {
+    let mut stats = LoopStats {
+        before_ready: 0,
+        broker_cut: 0,
+    };
+    for cycle in 0..cycles {
+        let cut = rng.below(3) == 0;
+        if cut {
+            broker.proxy.cut();
+            stats.broker_cut += 1;
+        }
+        if rng.below(4) == 0 {
+            std::thread::sleep(Duration::from_millis(rng.below(100)));
+        } else {
+            gw.wait_ready();
+            std::thread::sleep(Duration::from_millis(rng.below(1500)));
+        }
+        if !gw.is_ready() {
+            stats.before_ready += 1;
+        }
+        interrupt(gw);
+        if cut {
+            broker.proxy.restore();
+        }
+        if cycle % 10 == 9 {
+            eprintln!(
+                "{name} cycle {}: {} acked so far",
+                cycle + 1,
+                load.acked_count()
+            );
+        }
+    }
+    stats
+}
+
+/// The end of a kill or power-cut loop: the last gateway comes up, takes
+/// traffic for a moment and drains; then every ack of `load` is checked
+/// against `topic` ([`assert_all_delivered`]) and no loss may have been
+/// reported. Returns the acks, the records read and the duplicate copies.
+pub fn settle_and_check(
+    gw: &mut Gateway,
+    load: Load,
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    cycles: usize,
+) -> (Vec<Acked>, usize, usize) {
+    gw.wait_ready();
+    std::thread::sleep(Duration::from_millis(500));
+    let acked = load.stop();
+    gw.wait_drained();
+    assert!(
+        acked.len() > cycles,
+        "too little traffic to mean anything: {}",
+        acked.len()
+    );
+    let (records, duplicates) = assert_all_delivered(brokers, topic, partitions, &acked);
+    // Nothing was lost, so the last start must not have reported a loss.
+    assert_eq!(
+        gw.metric("edgegate_outbox_lost_batches_total"),
+        0.0,
+        "a loss was reported where none happened:\n{}",
+        gw.log()
+    );
+    (acked, records, duplicates)
+}
+
 pub fn ack_id(reply: &Value) -> String {
     assert_eq!(reply["action"], "ack", "expected an ack, got {reply}");
     assert_eq!(reply["status"], "accepted", "{reply}");
