@@ -1066,13 +1066,14 @@ fn is_lock_error(e: &sled::Error) -> bool {
 /// is still being released (sled lets go of its file lock asynchronously,
 /// and each open file has its own): wait it out.
 fn open_db(dir: &Path) -> sled::Result<sled::Db> {
-    let restored = durable::restore_kept_blobs(dir)?;
+    let restored = durable::before_open(dir)?;
     if restored > 0 {
         log::warn!(
             "outbox generation {}: {restored} blob files restored from keep/ (removed before the log that replaced them was synced)",
             dir.display()
         );
     }
+    log::debug!("opening outbox generation {}", dir.display());
     let mut attempts = 0;
     let db = loop {
         match open_db_once(dir) {

@@ -42,33 +42,59 @@ fn power_cuts_lose_nothing_acknowledged() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(8);
+    power_cut_loop("power-cut loop", cycles, DEVICES, 0);
+}
+
+/// Requests of 40 KiB: sled writes tree nodes that large to blob files of
+/// their own, the path with the most syncs and with `keep/` links.
+#[test]
+fn power_cuts_with_large_requests_lose_nothing_acknowledged() {
+    let cycles: usize = std::env::var("EDGEGATE_POWER_CUTS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(4, |n| n / 2);
+    power_cut_loop("power-cut loop, 40 KiB requests", cycles, 2, 40 << 10);
+}
+
+fn power_cut_loop(name: &str, cycles: usize, devices: usize, pad: usize) {
     let seed = seed_from_env("EDGEGATE_POWER_CUT_SEED");
-    eprintln!("power-cut loop: {cycles} cycles, EDGEGATE_POWER_CUT_SEED={seed}");
+    eprintln!("{name}: {cycles} cycles, EDGEGATE_POWER_CUT_SEED={seed}");
     let mut rng = Rng::new(seed);
 
     let broker = Broker::start();
     let (up, down) = broker.fresh_topics(2, 1);
-    let opts = GatewayOptions::new(broker.addr()).topics(&up, &down);
+    let mut opts = GatewayOptions::new(broker.addr()).topics(&up, &down);
+    if std::env::var("EDGEGATE_POWER_CUT_TRACE").is_ok() {
+        opts = opts.env(
+            "RUST_LOG",
+            "info,sled::pagecache::snapshot=debug,edgegate::outbox=debug,librdkafka=warn,rdkafka=warn",
+        );
+    }
     let Some((_dir, mut fs, mut gw)) = gateway_on_cutfs(opts) else {
         return;
     };
     let server_id_path = gw.data_dir.join("server_id");
     let server_id = std::fs::read_to_string(&server_id_path).unwrap();
-    let load = Load::start(gw.port, DEVICES);
-
-    let stats = interrupt_loop(
-        "power-cut loop",
-        cycles,
-        &mut rng,
-        &broker,
-        &mut gw,
-        &load,
-        |gw| {
-            gw.kill();
-            fs.cut();
-            gw.respawn();
-        },
-    );
+    let load = Load::start_padded(gw.port, devices, pad);
+    let outbox = gw.data_dir.join("outbox");
+    let mut blobs_seen = 0;
+    let stats = interrupt_loop(name, cycles, &mut rng, &broker, &mut gw, &load, |gw| {
+        gw.kill();
+        fs.cut();
+        // What survived the cut, before the gateway opens it again.
+        blobs_seen += count_files(&outbox, "blobs");
+        if let Ok(trace) = std::env::var("EDGEGATE_POWER_CUT_TRACE") {
+            // Keep each cut's outbox, to see how a failure came about.
+            let to = format!("{trace}/cut-{:03}", fs.counts().cuts);
+            std::process::Command::new("cp")
+                .args(["-a"])
+                .arg(&outbox)
+                .arg(&to)
+                .status()
+                .unwrap();
+        }
+        gw.respawn();
+    });
     let (acked, records, duplicates) =
         settle_and_check(&mut gw, load, &broker.addr(), &up, 2, cycles);
     assert_eq!(
@@ -76,11 +102,17 @@ fn power_cuts_lose_nothing_acknowledged() {
         server_id,
         "the serverId (and with it the consumer group) changed across power cuts"
     );
+    if pad >= 32 << 10 {
+        assert!(
+            blobs_seen > 0,
+            "no blob file survived a cut: the blob path went untested"
+        );
+    }
     let counts = fs.counts();
     eprintln!(
-        "power-cut loop passed: {cycles} cuts ({} before ready, {} with the broker cut), \
+        "{name} passed: {cycles} cuts ({} before ready, {} with the broker cut), \
          {} acked, {records} records, {duplicates} duplicate copies, 0 lost; \
-         {} unsynced bytes dropped, {} file and {} directory syncs; seed {seed}",
+         {} unsynced bytes dropped, {} file and {} directory syncs, {blobs_seen} blob files found after cuts; seed {seed}",
         stats.before_ready,
         stats.broker_cut,
         acked.len(),
@@ -88,6 +120,18 @@ fn power_cuts_lose_nothing_acknowledged() {
         counts.file_syncs,
         counts.dir_syncs,
     );
+}
+
+/// Files in the `sub` directory of every outbox generation.
+fn count_files(outbox: &std::path::Path, sub: &str) -> usize {
+    let Ok(generations) = std::fs::read_dir(outbox) else {
+        return 0;
+    };
+    generations
+        .flatten()
+        .filter_map(|g| std::fs::read_dir(g.path().join(sub)).ok())
+        .map(|files| files.count())
+        .sum()
 }
 
 /// The loss counter must not only stay quiet: when the disk really loses

@@ -6,8 +6,11 @@
 //! `fsync`, which sled only does in a periodic flusher the outbox turns off.
 //! It never syncs `conf`, a blob file or a directory either. So:
 //!
-//! - after a generation is opened (created, or recovered, which may write a
-//!   snapshot and rename it): `conf`, `db`, every snapshot file, `blobs/`
+//! - before a generation is opened, every blob file is synced and kept
+//!   ([`before_open`]): sled's recovery syncs the log, which may point to
+//!   blobs an earlier handle of this process wrote;
+//! - after it is opened (created, or recovered, which may write a
+//!   snapshot and rename it): `conf`, every snapshot file, `db`, `blobs/`
 //!   and the generation's directory are synced ([`after_open`]);
 //! - after each group commit's flush, before any of it is acked: new blob
 //!   files are synced and linked into `keep/`, both directories synced,
@@ -57,9 +60,21 @@ pub fn after_open(dir: &Path) -> io::Result<()> {
     sync_path(dir)
 }
 
+/// Before sled opens a generation: puts back blob files from `keep/` (see
+/// [`restore_kept_blobs`]), then makes every blob file durable with its
+/// second name. sled's recovery syncs the log itself (when it zeroes the
+/// tail of the last segment), and the log may point to blobs an earlier
+/// handle wrote without a sync (the producer's removals rewrite nodes of a
+/// generation no group commit syncs): they must be durable first.
+pub fn before_open(dir: &Path) -> io::Result<usize> {
+    let restored = restore_kept_blobs(dir)?;
+    Blobs::default().sync_new(dir)?;
+    Ok(restored)
+}
+
 /// Puts back blob files that sled unlinked but whose unlink outlived the
-/// log that made them unneeded (see the module doc). Before sled opens `dir`.
-pub fn restore_kept_blobs(dir: &Path) -> io::Result<usize> {
+/// log that made them unneeded (see the module doc).
+fn restore_kept_blobs(dir: &Path) -> io::Result<usize> {
     let kept = match std::fs::read_dir(dir.join(KEEP)) {
         Ok(kept) => kept,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),

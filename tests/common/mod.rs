@@ -457,7 +457,12 @@ impl Gateway {
     fn spawn_on_ports(&mut self, wait_ready: bool) {
         std::fs::create_dir_all(&self.data_dir).unwrap();
         self.log_path = self.data_dir.with_extension(format!("{}.log", self.port));
-        let log = std::fs::File::create(&self.log_path).unwrap();
+        // Appended to: a loop's restarts on the same ports share one log.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
         let mut cmd = command();
         cmd.arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
@@ -801,9 +806,11 @@ pub fn send_numbered(d: &mut Device, device: &str, from: u64, n: u64, pad: usize
 pub fn stream_numbered(
     port: u16,
     name: String,
+    pad: usize,
     stop: Arc<AtomicBool>,
     acked: Arc<Mutex<Vec<Acked>>>,
 ) {
+    let padding = "p".repeat(pad);
     let mut seq = 0u64;
     while !stop.load(Ordering::SeqCst) {
         let Ok(stream) = TcpStream::connect(("127.0.0.1", port)) else {
@@ -813,9 +820,13 @@ pub fn stream_numbered(
         let mut d = Device::wrap(stream);
         d.set_timeout(Duration::from_secs(3));
         while !stop.load(Ordering::SeqCst) {
-            let frame = format!(
-                "{{\"action\":\"seq\",\"uid\":\"{seq}\",\"deviceUid\":\"{name}\",\"data\":{seq}}}\n"
-            );
+            let frame = if pad == 0 {
+                format!("{{\"action\":\"seq\",\"uid\":\"{seq}\",\"deviceUid\":\"{name}\",\"data\":{seq}}}\n")
+            } else {
+                format!(
+                    "{{\"action\":\"seq\",\"uid\":\"{seq}\",\"deviceUid\":\"{name}\",\"data\":{{\"i\":{seq},\"pad\":\"{padding}\"}}}}\n"
+                )
+            };
             if d.stream.write_all(frame.as_bytes()).is_err() {
                 break;
             }
@@ -846,12 +857,19 @@ pub struct Load {
 
 impl Load {
     pub fn start(port: u16, devices: usize) -> Load {
+        Load::start_padded(port, devices, 0)
+    }
+
+    /// Devices whose requests carry `pad` bytes of padding in `data`.
+    pub fn start_padded(port: u16, devices: usize, pad: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
         let threads = (0..devices)
             .map(|i| {
                 let (stop, acked) = (stop.clone(), acked.clone());
-                std::thread::spawn(move || stream_numbered(port, format!("dev-{i}"), stop, acked))
+                std::thread::spawn(move || {
+                    stream_numbered(port, format!("dev-{i}"), pad, stop, acked)
+                })
             })
             .collect();
         Load {
