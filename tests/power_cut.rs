@@ -4,12 +4,15 @@
 //! unsynced state is dropped (the power cut) and the gateway starts again,
 //! with the broker link cut in some cycles. Afterwards every acknowledged
 //! messageId must be in the topic, each device's first copies in order, and
-//! no loss reported. A second test checks that a loss the disk really
-//! suffers is reported.
+//! no loss reported; the same with 40 KiB requests, which make sled write
+//! blob files. A last test checks that a loss the disk really suffers is
+//! reported.
 //!
 //! CI runs a short loop. The long mode:
 //! `EDGEGATE_POWER_CUTS=100 cargo test --release --test power_cut -- --nocapture`
-//! (`EDGEGATE_POWER_CUT_SEED` replays a run's schedule). Both tests are
+//! (`EDGEGATE_POWER_CUT_SEED` replays a run's schedule;
+//! `EDGEGATE_POWER_CUT_TRACE=DIR` keeps each cut's outbox in `DIR/cut-N` and
+//! logs sled's recovery, to see how a failure came about). The tests are
 //! skipped, loudly, where FUSE cannot be mounted (no `/dev/fuse`, not root).
 
 mod common;
