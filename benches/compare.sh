@@ -15,6 +15,12 @@ cd "$(dirname "$0")/.."
 bin_a=$(realpath "$1") bin_b=$(realpath "$2") rounds="${3:-5}"
 .ci/install-tansu.sh
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+# The load client: this checkout's edgegate-bench (BENCH=path for another).
+bench="${BENCH:-}"
+if [ -z "$bench" ]; then
+  cargo build --release --locked -p edgegate-bench >&2
+  bench="$PWD/target/release/edgegate-bench"
+fi
 work=$(mktemp -d "${DATA_ROOT:-${TMPDIR:-/tmp}}/compare.XXXXXX")
 cleanup() { xargs -r kill 2>/dev/null <"$work/pids" || true; rm -rf "$work"; }
 touch "$work/pids"
@@ -40,7 +46,7 @@ gateway() { # BIN NAME LISTEN ADMIN TOPIC
   echo "$pid"
 }
 uplink() { # LISTEN TOPIC
-  "$bin_b" bench uplink --gateway "$1" --brokers "$broker" --topic "$2" --partitions 3 \
+  "$bench" uplink --gateway "$1" --brokers "$broker" --topic "$2" --partitions 3 \
     --connections 50 --window 64 --messages 400000 2>/dev/null
 }
 
@@ -48,7 +54,7 @@ gw_a=$(gateway "$bin_a" a 127.0.0.1:21600 127.0.0.1:21680 cmp_a)
 gw_b=$(gateway "$bin_b" b 127.0.0.1:21601 127.0.0.1:21681 cmp_b)
 : >"$work/lines"
 for i in $(seq "$rounds"); do
-  echo "raw $("$bin_b" bench raw --brokers "$broker" --topic cmp_raw --messages 400000 2>/dev/null)" | tee -a "$work/lines"
+  echo "raw $("$bench" raw --brokers "$broker" --topic cmp_raw --messages 400000 2>/dev/null)" | tee -a "$work/lines"
   echo "A $(uplink 127.0.0.1:21600 cmp_a)" | tee -a "$work/lines"
   echo "B $(uplink 127.0.0.1:21601 cmp_b)" | tee -a "$work/lines"
 done

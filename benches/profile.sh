@@ -18,11 +18,10 @@ command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq
 # BIN=path (another build, e.g. before a change: totals need no symbols) and
 # OUT=path for its figures.
 bin="${BIN:-$PWD/target/profiling/release/edgegate}"
+bench="$PWD/target/profiling/release/edgegate-bench"
 out="${OUT:-$PWD/benches/profile.txt}"
-if [ -z "${BIN:-}" ]; then
-  CARGO_TARGET_DIR=target/profiling CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
-    cargo build --release --locked >&2
-fi
+CARGO_TARGET_DIR=target/profiling CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
+  cargo build --release --locked --workspace >&2
 work=$(mktemp -d)
 cleanup() { xargs -r kill 2>/dev/null <"$work/pids" || true; rm -rf "$work"; }
 touch "$work/pids"
@@ -46,7 +45,7 @@ gateway_ir() { # MESSAGES -> total instructions of a gateway that took them
   local pid=$!
   echo $pid >>"$work/pids"
   for _ in $(seq 600); do curl -sf http://127.0.0.1:21480/readyz >/dev/null && break; sleep 0.1; done
-  EDGEGATE_KAFKA_PRODUCER_TOPIC=prof_up "$bin" bench uplink --gateway 127.0.0.1:21400 --brokers "$broker" \
+  EDGEGATE_KAFKA_PRODUCER_TOPIC=prof_up "$bench" uplink --gateway 127.0.0.1:21400 --brokers "$broker" \
     --topic prof_up --partitions 3 --connections 10 --window 64 --messages "$n" 2>/dev/null >"$work/uplink-$n"
   # Everything delivered to Kafka before the stop, so both runs do the same.
   for _ in $(seq 600); do
@@ -59,7 +58,7 @@ gateway_ir() { # MESSAGES -> total instructions of a gateway that took them
 
 raw_ir() {
   local n=$1 cg="$work/raw-$1.cg"
-  valgrind --tool=callgrind --callgrind-out-file="$cg" "$bin" bench raw --brokers "$broker" \
+  valgrind --tool=callgrind --callgrind-out-file="$cg" "$bench" raw --brokers "$broker" \
     --topic prof_raw --messages "$n" >/dev/null 2>&1
   total_ir "$cg"
 }

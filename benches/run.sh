@@ -23,8 +23,9 @@ replay="${REPLAY:-1000000}"
 sweep="${SWEEP:-1 10 50 200 1000}"
 .ci/install-tansu.sh
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
-cargo build --release --locked >&2
+cargo build --release --locked --workspace >&2
 bin="$PWD/target/release/edgegate"
+bench="$PWD/target/release/edgegate-bench"
 results="$PWD/benches/results.txt"
 work=$(mktemp -d)
 # Every process started here, for the cleanup (gateways are started in
@@ -67,9 +68,9 @@ echo "machine: $machine" >&2
 gw=$(gateway main 127.0.0.1:21300 127.0.0.1:21380 "$broker")
 for i in $(seq "$rounds"); do
   echo "round $i" >&2
-  record "phase=ratio $("$bin" bench raw --brokers "$broker" --topic bench_raw --messages 400000 2>/dev/null)"
+  record "phase=ratio $("$bench" raw --brokers "$broker" --topic bench_raw --messages 400000 2>/dev/null)"
   g0=$(cpu "$gw"); b0=$(cpu "$tansu_pid")
-  line=$("$bin" bench uplink --gateway 127.0.0.1:21300 --brokers "$broker" --topic bench_up --partitions 3 \
+  line=$("$bench" uplink --gateway 127.0.0.1:21300 --brokers "$broker" --topic bench_up --partitions 3 \
     --connections 50 --window 64 --messages 400000 2>/dev/null)
   record "phase=ratio $line gateway_cpu_secs=$(awk "BEGIN{print $(cpu "$gw") - $g0}") broker_cpu_secs=$(awk "BEGIN{print $(cpu "$tansu_pid") - $b0}")"
 done
@@ -80,14 +81,14 @@ if [ -x "$musl_bin" ]; then
   echo "uplink through the static musl build" >&2
   kill "$gw"; while kill -0 "$gw" 2>/dev/null; do sleep 0.05; done
   gw=$(bin="$musl_bin" gateway musl 127.0.0.1:21300 127.0.0.1:21380 "$broker")
-  record "phase=musl $("$bin" bench uplink --gateway 127.0.0.1:21300 --brokers "$broker" --topic bench_up \
+  record "phase=musl $("$bench" uplink --gateway 127.0.0.1:21300 --brokers "$broker" --topic bench_up \
     --partitions 3 --connections 50 --window 64 --messages 400000 2>/dev/null)"
   kill "$gw"; while kill -0 "$gw" 2>/dev/null; do sleep 0.05; done
   gw=$(gateway main2 127.0.0.1:21300 127.0.0.1:21380 "$broker")
 fi
 for c in $sweep; do
   echo "sweep: $c connections" >&2
-  record "phase=sweep $("$bin" bench uplink --gateway 127.0.0.1:21300 --brokers "$broker" --topic bench_up \
+  record "phase=sweep $("$bench" uplink --gateway 127.0.0.1:21300 --brokers "$broker" --topic bench_up \
     --partitions 3 --connections "$c" --window 64 --messages 200000 2>/dev/null)"
 done
 kill "$gw"
@@ -95,11 +96,11 @@ kill "$gw"
 echo "round trip" >&2
 rt=$(gateway rt 127.0.0.1:21303 127.0.0.1:21383 "$broker" EDGEGATE_KAFKA_PRODUCER_TOPIC=rt_up \
   EDGEGATE_KAFKA_CONSUMER_TOPICS=rt_down)
-record "$("$bin" bench roundtrip --gateway 127.0.0.1:21303 --admin 127.0.0.1:21383 --brokers "$broker" \
+record "$("$bench" roundtrip --gateway 127.0.0.1:21303 --admin 127.0.0.1:21383 --brokers "$broker" \
   --topic rt_up --reply-topic rt_down --partitions 3 --connections 50 --rate 5000 --seconds 10 2>/dev/null)"
 kill "$rt"
 # The floor under the round trip: one hop through the broker alone.
-record "$("$bin" bench hop --brokers "$broker" --topic hop --partitions 3 --rate 5000 --seconds 10 2>/dev/null)"
+record "$("$bench" hop --brokers "$broker" --topic hop --partitions 3 --rate 5000 --seconds 10 2>/dev/null)"
 
 echo "footprint" >&2
 ready_ms=()
@@ -121,23 +122,23 @@ record "mode=footprint binary_bytes=$(stat -c %s "$bin") idle_rss_kib=$idle_rss 
 
 echo "idle connections" >&2
 idle=$(gateway idle 127.0.0.1:21301 127.0.0.1:21381 "$broker")
-record "$("$bin" bench idle --gateway 127.0.0.1:21301 --pid "$idle" --connections 10000 2>/dev/null)"
+record "$("$bench" idle --gateway 127.0.0.1:21301 --pid "$idle" --connections 10000 2>/dev/null)"
 kill "$idle"
 
 # Replay: build the backlog with Kafka unreachable, then restart against it.
 echo "replay: building a backlog of $replay" >&2
 backlog=$(gateway replay 127.0.0.1:21302 127.0.0.1:21382 127.0.0.1:1 \
   EDGEGATE_KAFKA_PRODUCER_TOPIC=bench_replay EDGEGATE_KAFKA_DRAIN_TIMEOUT_SECS=0 EDGEGATE_OUTBOX_MAX_BYTES=4294967296)
-"$bin" bench uplink --gateway 127.0.0.1:21302 --connections 50 --messages "$replay" --no-verify 2>/dev/null >/dev/null
+"$bench" uplink --gateway 127.0.0.1:21302 --connections 50 --messages "$replay" --no-verify 2>/dev/null >/dev/null
 kill "$backlog"; while kill -0 "$backlog" 2>/dev/null; do sleep 0.05; done
 echo "replay: draining" >&2
 t0=$(date +%s%N)
 drain=$(gateway replay 127.0.0.1:21302 127.0.0.1:21382 "$broker" EDGEGATE_KAFKA_PRODUCER_TOPIC=bench_replay \
   EDGEGATE_OUTBOX_MAX_BYTES=4294967296)
 up_ms=$(( ($(date +%s%N) - t0) / 1000000 ))
-record "$("$bin" bench replay --admin 127.0.0.1:21382 --pid "$drain" 2>/dev/null) ready_ms=$up_ms"
+record "$("$bench" replay --admin 127.0.0.1:21382 --pid "$drain" 2>/dev/null) ready_ms=$up_ms"
 kill "$drain"
-record "phase=replay-raw $("$bin" bench raw --brokers "$broker" --topic bench_raw --messages "$replay" 2>/dev/null)"
+record "phase=replay-raw $("$bench" raw --brokers "$broker" --topic bench_raw --messages "$replay" 2>/dev/null)"
 if [ -x "$musl_bin" ]; then
   # The same backlog drained by the static musl build the .deb ships (its
   # allocator returns memory differently).
@@ -145,16 +146,16 @@ if [ -x "$musl_bin" ]; then
   tansu topic create bench_replay_musl --broker "tcp://$broker" --partitions 3 >/dev/null
   backlog=$(gateway replay-musl 127.0.0.1:21305 127.0.0.1:21385 127.0.0.1:1 \
     EDGEGATE_KAFKA_PRODUCER_TOPIC=bench_replay_musl EDGEGATE_KAFKA_DRAIN_TIMEOUT_SECS=0 EDGEGATE_OUTBOX_MAX_BYTES=4294967296)
-  "$bin" bench uplink --gateway 127.0.0.1:21305 --connections 50 --messages "$replay" --no-verify 2>/dev/null >/dev/null
+  "$bench" uplink --gateway 127.0.0.1:21305 --connections 50 --messages "$replay" --no-verify 2>/dev/null >/dev/null
   kill "$backlog"; while kill -0 "$backlog" 2>/dev/null; do sleep 0.05; done
   drain=$(bin="$musl_bin" gateway replay-musl 127.0.0.1:21305 127.0.0.1:21385 "$broker" \
     EDGEGATE_KAFKA_PRODUCER_TOPIC=bench_replay_musl EDGEGATE_OUTBOX_MAX_BYTES=4294967296)
-  record "phase=musl $("$bin" bench replay --admin 127.0.0.1:21385 --pid "$drain" 2>/dev/null)"
+  record "phase=musl $("$bench" replay --admin 127.0.0.1:21385 --pid "$drain" 2>/dev/null)"
   kill "$drain"
 fi
 
-"$bin" bench plot --input "$results" --output benches/results.svg >/dev/null
+"$bench" plot --input "$results" --output benches/results.svg >/dev/null
 profile=()
 [ -f benches/profile.txt ] && profile=(--profile benches/profile.txt)
-"$bin" bench report --input "$results" "${profile[@]}" >BENCHMARKS.md
+"$bench" report --input "$results" "${profile[@]}" >BENCHMARKS.md
 echo "wrote BENCHMARKS.md, benches/results.txt, benches/results.svg" >&2

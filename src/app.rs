@@ -12,18 +12,18 @@ use smol::{Executor, Timer};
 
 use futures_rustls::TlsAcceptor;
 
-use crate::admin::{self, Admin};
-use crate::auth::Gate;
 use crate::config::{AuthMode, Config};
-use crate::consumer::DownlinkConsumer;
-use crate::listener::{self, Shared};
-use crate::metrics::Metrics;
+use crate::device::{listener, Shared};
+use crate::kafka::consumer::DownlinkConsumer;
+use crate::kafka::producer::Pipeline;
+use crate::ops::admin::{self, Admin};
+use crate::ops::metrics::Metrics;
+use crate::ops::signals;
+use crate::ops::systemd;
 use crate::outbox::{self, Store};
-use crate::producer::Pipeline;
-use crate::router::Router;
-use crate::signals;
-use crate::systemd;
-use crate::tls;
+use crate::routing::Router;
+use crate::security::auth::Gate;
+use crate::security::tls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -35,17 +35,17 @@ pub enum AppError {
     #[error(transparent)]
     Outbox(#[from] outbox::OutboxError),
     #[error(transparent)]
-    Producer(#[from] crate::producer::ProducerError),
+    Producer(#[from] crate::kafka::producer::ProducerError),
     #[error(transparent)]
-    Consumer(#[from] crate::consumer::ConsumerError),
+    Consumer(#[from] crate::kafka::consumer::ConsumerError),
     #[error(transparent)]
     Listen(#[from] listener::BindError),
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
     #[error(transparent)]
-    Key(#[from] crate::auth::KeyError),
+    Key(#[from] crate::security::auth::KeyError),
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] crate::security::tls::TlsError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }

@@ -1,41 +1,20 @@
-//! edgegate: a device-to-Kafka gateway for edge hubs.
-//!
-//! Data path: device socket → `frame` → `protocol` → `outbox` (on disk,
-//! then ack) → `producer` → Kafka; Kafka → `consumer` → `router` →
-//! `connection` → device socket. `app` wires it together.
+//! The `edgegate` command line: run the gateway, check a configuration,
+//! mint a device token, talk to a gateway as a device. (The load and
+//! measurement tools are the separate `edgegate-bench`, in `benches/`.)
 
 #![forbid(unsafe_code)]
-
-mod admin;
-mod app;
-mod auth;
-mod bench;
-mod config;
-mod connection;
-mod consumer;
-mod device;
-mod frame;
-mod ids;
-mod kafka;
-mod listener;
-mod metrics;
-mod outbox;
-mod plot;
-mod producer;
-mod protocol;
-mod report;
-mod router;
-mod signals;
-mod systemd;
-mod tls;
-mod transport;
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use config::{Config, Flags, FLAGS};
+use edgegate::app;
+use edgegate::config::{Config, Flags, FLAGS};
+use edgegate::ops::device_cli as device;
+use edgegate::ops::metrics;
+use edgegate::security::{auth, tls};
+use edgegate::wire::protocol;
 
 /// Static (musl) builds: see the `static` feature in Cargo.toml.
 #[cfg(feature = "static")]
@@ -48,7 +27,6 @@ usage: edgegate [run] [OPTIONS]          run the gateway
        edgegate device [ADDR]            a device session: stdin lines are sent, replies printed
        edgegate token DEVICE_UID --key-file PATH
                                          print the auth token of a device (auth.mode = token)
-       edgegate bench MODE [...]         load and measurement tools (edgegate bench help)
        edgegate --version | --help
 
 options:
@@ -67,7 +45,6 @@ them with RUST_LOG (e.g. RUST_LOG=debug or RUST_LOG=info,librdkafka=warn).
 enum Command {
     Run,
     CheckConfig,
-    Bench(Box<bench::Options>),
     Device(String),
     Token {
         device_uid: String,
@@ -95,12 +72,6 @@ fn parse_args() -> Result<Option<(Command, Flags)>, lexopt::Error> {
                         return Ok(Some((Command::Device(address), flags)));
                     }
                     Some("token") => return parse_token(&mut parser).map(Some),
-                    Some("bench") => {
-                        let mode = parser.value()?.string()?;
-                        let options = bench::Options::parse(mode, &mut parser)
-                            .map_err(|e| lexopt::Error::Custom(Box::new(e)))?;
-                        return Ok(Some((Command::Bench(Box::new(options)), flags)));
-                    }
                     _ => return Err(lexopt::Error::UnexpectedArgument(v)),
                 });
             }
@@ -221,16 +192,6 @@ fn main() -> ExitCode {
             }
         };
     }
-    if let Command::Bench(options) = &command {
-        raise_open_file_limit();
-        return match bench::run(options) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("edgegate bench: {e}");
-                ExitCode::FAILURE
-            }
-        };
-    }
     let env: HashMap<String, String> = std::env::vars()
         .filter(|(k, _)| k.starts_with("EDGEGATE_"))
         .collect();
@@ -258,7 +219,7 @@ fn main() -> ExitCode {
             print!("{}", config.describe());
             ExitCode::SUCCESS
         }
-        Command::Bench(_) | Command::Device(_) | Command::Token { .. } => {
+        Command::Device(_) | Command::Token { .. } => {
             unreachable!("handled before loading the configuration")
         }
         Command::Run => {

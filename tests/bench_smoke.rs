@@ -1,4 +1,4 @@
-//! Small runs of every `edgegate bench` mode, so the tool cannot rot. They
+//! Small runs of every `edgegate-bench` mode, so the tool cannot rot. They
 //! check that each mode works and reports, not how fast anything is.
 
 mod common;
@@ -7,9 +7,28 @@ use std::collections::HashMap;
 
 use common::*;
 
-/// Runs `edgegate bench ARGS` and parses its final `key=value` line.
+/// The bench tool, built beside the gateway by `cargo test --workspace`
+/// (`EDGEGATE_BENCH_BIN` for another build).
+fn bench_bin() -> std::path::PathBuf {
+    if let Ok(path) = std::env::var("EDGEGATE_BENCH_BIN") {
+        return path.into();
+    }
+    let path =
+        std::path::Path::new(env!("CARGO_BIN_EXE_edgegate")).with_file_name("edgegate-bench");
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p edgegate-bench` first)",
+        path.display()
+    );
+    path
+}
+
+/// Runs `edgegate-bench ARGS` and parses its final `key=value` line.
 fn bench(args: &[&str]) -> HashMap<String, String> {
-    let out = command().arg("bench").args(args).output().unwrap();
+    let out = std::process::Command::new(bench_bin())
+        .args(args)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -201,8 +220,8 @@ fn plot_and_report_modes_render_result_lines() {
         "{drawn}"
     );
 
-    let out = command()
-        .args(["bench", "report", "--input"])
+    let out = std::process::Command::new(bench_bin())
+        .args(["report", "--input"])
         .arg(&results)
         .output()
         .unwrap();

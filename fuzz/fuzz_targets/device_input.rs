@@ -7,10 +7,10 @@
 use libfuzzer_sys::fuzz_target;
 
 #[allow(dead_code)]
-#[path = "../../src/frame.rs"]
+#[path = "../../src/wire/frame.rs"]
 mod frame;
 #[allow(dead_code)]
-#[path = "../../src/protocol.rs"]
+#[path = "../../src/wire/protocol.rs"]
 mod protocol;
 
 use frame::{Frame, LineDecoder};

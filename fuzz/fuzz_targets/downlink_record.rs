@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 
 #[allow(dead_code)]
-#[path = "../../src/protocol.rs"]
+#[path = "../../src/wire/protocol.rs"]
 mod protocol;
 
 fuzz_target!(|data: &[u8]| {

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use smol::Async;
 use uuid::Uuid;
 
-use crate::metrics::Metrics;
-use crate::protocol::{parse_server_response, ServerResponse};
+use crate::ops::metrics::Metrics;
+use crate::wire::protocol::{parse_server_response, ServerResponse};
 
 /// What the router sends to a connection task.
 #[derive(Debug)]
@@ -49,6 +49,10 @@ impl Mailbox {
 
     pub fn len(&self) -> usize {
         self.state().queue.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.state().queue.is_empty()
     }
 
     fn push(&self, msg: Downlink) {

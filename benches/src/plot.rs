@@ -1,4 +1,4 @@
-//! `edgegate bench plot`: draws the benchmark results (the `key=value`
+//! `edgegate-bench plot`: draws the benchmark results (the `key=value`
 //! lines the modes print) as one SVG: uplink msgs/s and ack p99 against the
 //! number of connections, beside the raw producer's rate, and the outbox
 //! and RSS during a replay. A hundred lines of SVG instead of a plotting

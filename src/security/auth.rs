@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use ring::hmac;
 
 use crate::config::{AuthConfig, AuthMode};
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
 
 /// Everything a connection needs to authenticate.
 pub struct Gate {

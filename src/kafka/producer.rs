@@ -29,7 +29,7 @@ use uuid::Uuid;
 
 use crate::config::KafkaConfig;
 use crate::kafka::ErrorLog;
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
 use crate::outbox::{Batch, Store};
 
 /// Requests handed to librdkafka and not yet confirmed, at most. Bounds

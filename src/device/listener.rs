@@ -2,7 +2,7 @@
 //! hands each socket to its own connection task.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,26 +13,8 @@ use smol::{Async, Executor, Timer};
 
 use futures_rustls::TlsAcceptor;
 
-use crate::auth::Gate;
-use crate::config::ListenerConfig;
-use crate::connection;
-use crate::metrics::Metrics;
-use crate::outbox::Appender;
-use crate::protocol::{write_error, ErrorCode};
-use crate::router::Router;
-
-/// What every connection task shares.
-pub struct Shared {
-    pub server_id: String,
-    pub limits: ListenerConfig,
-    pub metrics: Arc<Metrics>,
-    pub router: Arc<Router>,
-    pub appender: Appender,
-    pub gate: Gate,
-    /// Set when shutdown begins: later frames get `shutting_down`.
-    pub shutting_down: AtomicBool,
-    pub open: AtomicUsize,
-}
+use crate::device::{connection, Shared};
+use crate::wire::protocol::{write_error, ErrorCode};
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {address}: {source}")]

@@ -20,8 +20,8 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
 use crate::kafka::ErrorLog;
-use crate::metrics::Metrics;
-use crate::router::Router;
+use crate::ops::metrics::Metrics;
+use crate::routing::Router;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {

@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
-use crate::protocol::ErrorCode;
+use crate::wire::protocol::ErrorCode;
 
 #[derive(Default)]
 pub struct Metrics {

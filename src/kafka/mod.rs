@@ -1,7 +1,12 @@
-//! What the producer and the consumer share: how librdkafka's errors reach
+//! The Kafka side: the producer that drains the outbox to Kafka
+//! (`producer`), the consumer that routes the backend's responses
+//! (`consumer`), and what they share, here: how librdkafka's errors reach
 //! the log. During an outage librdkafka reports the same failure many times
 //! a second; the log gets one line per kind of error and interval, and a
 //! line when the broker is back.
+
+pub mod consumer;
+pub mod producer;
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -70,7 +70,7 @@ use std::time::{Duration, Instant};
 use smol::channel::{self, Receiver, Sender, TrySendError};
 use uuid::Uuid;
 
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
 
 const MAGIC: u8 = 0xEB;
 const VERSION: u8 = 1;

@@ -1,4 +1,4 @@
-//! `edgegate bench report`: turns the result lines of `benches/run.sh` (and
+//! `edgegate-bench report`: turns the result lines of `benches/run.sh` (and
 //! `benches/profile.sh`, if present) into BENCHMARKS.md, so that every figure
 //! in it comes from the run that wrote it.
 
@@ -88,7 +88,7 @@ pub fn markdown(results: &str, profile: Option<&str>) -> String {
     let _ = writeln!(w, "## Uplink against the raw producer\n");
     let _ = writeln!(
         w,
-        "Each round runs `edgegate bench raw` (librdkafka straight to the broker: idempotent, acks=all, linger 5 ms, 200-byte values, 400,000 messages) and then `edgegate bench uplink` (50 connections, each pipelining 64 frames of 200 bytes; an ack is sent only after the request is in the outbox on disk; every acked messageId is then looked up in the topic). CPU seconds are those each process used during the uplink run.\n"
+        "Each round runs `edgegate-bench raw` (librdkafka straight to the broker: idempotent, acks=all, linger 5 ms, 200-byte values, 400,000 messages) and then `edgegate bench uplink` (50 connections, each pipelining 64 frames of 200 bytes; an ack is sent only after the request is in the outbox on disk; every acked messageId is then looked up in the topic). CPU seconds are those each process used during the uplink run.\n"
     );
     let _ = writeln!(
         w,

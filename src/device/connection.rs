@@ -18,15 +18,15 @@ use smol::{Async, Timer};
 use uuid::Uuid;
 
 use crate::config::AuthMode;
-use crate::frame::{Frame, LineDecoder};
-use crate::ids;
-use crate::listener::Shared;
-use crate::metrics::{AuthFailure, HandshakeError};
+use crate::device::transport::{Ready, SharedSocket, Transport};
+use crate::device::Shared;
+use crate::ops::metrics::{AuthFailure, HandshakeError};
 use crate::outbox::{AppendBatch, AppendError};
-use crate::protocol::{self, ErrorCode, Inbound, Origin, Request, Timestamp};
-use crate::router::{Downlink, Mailbox};
-use crate::tls;
-use crate::transport::{Ready, SharedSocket, Transport};
+use crate::routing::{Downlink, Mailbox};
+use crate::security::tls;
+use crate::wire::frame::{Frame, LineDecoder};
+use crate::wire::ids;
+use crate::wire::protocol::{self, ErrorCode, Inbound, Origin, Request, Timestamp};
 
 /// Bytes read per syscall, into the per-thread buffer.
 const READ_CHUNK: usize = 64 << 10;
@@ -793,7 +793,7 @@ mod tests {
     #[test]
     fn an_idle_connection_task_stays_small() {
         use crate::config::{AuthConfig, ListenerConfig};
-        use crate::metrics::Metrics;
+        use crate::ops::metrics::Metrics;
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::default());
         let (store, _bell) =
@@ -819,9 +819,13 @@ mod tests {
                 max_partial_bytes: 64 << 20,
             },
             metrics: metrics.clone(),
-            router: Arc::new(crate::router::Router::new("gw".into(), 10, metrics.clone())),
+            router: Arc::new(crate::routing::Router::new(
+                "gw".into(),
+                10,
+                metrics.clone(),
+            )),
             appender,
-            gate: crate::auth::Gate::new(&auth, metrics).unwrap(),
+            gate: crate::security::auth::Gate::new(&auth, metrics).unwrap(),
             shutting_down: Default::default(),
             open: Default::default(),
         });

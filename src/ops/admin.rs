@@ -12,7 +12,7 @@ use async_net::{TcpListener, TcpStream};
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::{Executor, Timer};
 
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
 
 const MAX_HEAD: usize = 8 << 10;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -1,5 +1,4 @@
-//! `edgegate bench`: load and measurement modes, so that a static binary on a
-//! hub is also its own benchmark client. Each mode prints progress on stderr
+//! `edgegate-bench`: load and measurement modes. Each mode prints progress on stderr
 //! and one final `key=value` line on stdout.
 //!
 //! - `raw`: librdkafka straight to the broker, with the gateway's producer
@@ -44,16 +43,16 @@ pub enum BenchError {
 }
 
 pub const USAGE: &str = "\
-usage: edgegate bench raw    --brokers LIST --topic T [--messages N] [--size BYTES]
-       edgegate bench uplink --gateway ADDR --brokers LIST --topic T [--partitions P]
+usage: edgegate-bench raw    --brokers LIST --topic T [--messages N] [--size BYTES]
+       edgegate-bench uplink --gateway ADDR --brokers LIST --topic T [--partitions P]
                              [--connections C] [--window W] [--messages N] [--size BYTES] [--no-verify]
-       edgegate bench roundtrip --gateway ADDR --admin ADDR --brokers LIST --topic T --reply-topic T
+       edgegate-bench roundtrip --gateway ADDR --admin ADDR --brokers LIST --topic T --reply-topic T
                              [--partitions P] [--connections C] [--rate MSGS_PER_SEC] [--seconds S]
-       edgegate bench hop    --brokers LIST --topic EMPTY_TOPIC [--partitions P] [--rate MSGS_PER_SEC] [--seconds S]
-       edgegate bench idle   --gateway ADDR --pid PID [--connections N]
-       edgegate bench replay --admin ADDR --pid PID    (alias: drain)
-       edgegate bench plot   --input RESULTS --output FILE.svg
-       edgegate bench report --input RESULTS [--profile PROFILE]   (Markdown on stdout)";
+       edgegate-bench hop    --brokers LIST --topic EMPTY_TOPIC [--partitions P] [--rate MSGS_PER_SEC] [--seconds S]
+       edgegate-bench idle   --gateway ADDR --pid PID [--connections N]
+       edgegate-bench replay --admin ADDR --pid PID    (alias: drain)
+       edgegate-bench plot   --input RESULTS --output FILE.svg
+       edgegate-bench report --input RESULTS [--profile PROFILE]   (Markdown on stdout)";
 
 /// Options shared by the modes, parsed from `--key value` pairs.
 pub struct Options {
@@ -184,14 +183,18 @@ fn frame(conn: usize, seq: u64, size: usize) -> String {
 
 fn raw(o: &Options) -> Result<(), BenchError> {
     let delivered = Arc::new(AtomicU64::new(0));
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", &o.brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", "0")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()?;
+    // The gateway's own producer settings, from the library, with its
+    // defaults: the baseline differs from the gateway by the gateway alone.
+    let defaults = edgegate::config::Config::load(&Default::default(), &Default::default())
+        .map_err(|e| BenchError::Failed(e.to_string()))?;
+    let kafka = edgegate::config::KafkaConfig {
+        brokers: o.brokers.clone(),
+        ..defaults.kafka
+    };
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        edgegate::kafka::producer::client_config(&kafka)
+            .set("statistics.interval.ms", "0")
+            .create()?;
     let payload = frame(0, 0, o.size);
     let start = Instant::now();
     for i in 0..o.messages {

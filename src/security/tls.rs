@@ -12,7 +12,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
 use crate::config::{AuthMode, TlsConfig};
-use crate::metrics::HandshakeError;
+use crate::ops::metrics::HandshakeError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
