@@ -3,11 +3,17 @@
 //! queue of acknowledged ids.
 
 use std::collections::VecDeque;
+use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
 
 use proptest::prelude::*;
+use smol::channel::Receiver;
+use uuid::Uuid;
 
 use super::*;
+use crate::ops::metrics::Metrics;
 
 #[derive(Debug, Clone)]
 enum Op {

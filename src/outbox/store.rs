@@ -1,0 +1,430 @@
+//! The store: the generations, oldest first, shared by the writer (appends)
+//! and the producer (reads and removes), and the byte cap.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, RwLock};
+
+use smol::channel::{self, Receiver, Sender};
+
+use super::durable;
+use super::generation::{load_generation, open_db, seq_of, Generation};
+use super::marks::{read_mark, write_mark, REMOVED_FILE};
+use super::OutboxError;
+use crate::ops::metrics::Metrics;
+
+/// A generation is closed to appends at this size on disk (or a quarter of
+/// the cap, if smaller): bounds the memory sled holds per open generation.
+pub(super) const GENERATION_BYTES: u64 = 16 << 20;
+
+/// The store shared by the writer (appends) and the producer (reads and
+/// removes).
+pub struct Store {
+    pub(super) root: PathBuf,
+    /// Held for the life of the store: one process per outbox. sled locks
+    /// each database, but a generation this process keeps closed would
+    /// otherwise be open to another one.
+    pub(super) _lock: std::fs::File,
+    /// Oldest first; the last one takes new batches.
+    pub(super) generations: RwLock<Vec<Arc<Generation>>>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) max_bytes: u64,
+    /// Start a new generation once the active one occupies this much disk.
+    pub(super) rotate_at: u64,
+    /// `first_seq` of the generation the producer reads from.
+    pub(super) reading: AtomicU64,
+    pub(super) live_bytes: AtomicU64,
+    /// Size on disk at the last measurement, and bytes appended since.
+    pub(super) disk_measured: AtomicU64,
+    pub(super) disk_since: AtomicU64,
+    /// Batches below this seq are flushed and may be sent.
+    pub(super) committed: AtomicU64,
+    /// Rung after each flush that made new batches readable.
+    pub(super) doorbell: Sender<()>,
+    /// [`REMOVED_FILE`] and the mark last written and synced to it.
+    pub(super) removed: Mutex<(Option<std::fs::File>, u64)>,
+    /// The same mark, read without the lock: batches below it may be removed.
+    pub(super) removal_limit: AtomicU64,
+}
+
+impl Store {
+    /// Opens (or creates) the outbox under `root`. A generation that sled
+    /// cannot open is moved aside to `<dir>.broken-<unix time>` and left out,
+    /// loudly: refusing to start would stop every device, and the moved files
+    /// stay for an operator to inspect.
+    pub fn open(
+        root: &Path,
+        max_bytes: u64,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Arc<Store>, Receiver<()>), OutboxError> {
+        let created = !root.exists();
+        std::fs::create_dir_all(root).map_err(|source| OutboxError::CreateDir {
+            path: root.to_owned(),
+            source,
+        })?;
+        if created {
+            // A new directory's name is on disk once its parent is synced.
+            let parent = root.parent().unwrap_or(Path::new("."));
+            durable::sync_path(parent).map_err(|source| OutboxError::CreateDir {
+                path: parent.to_owned(),
+                source,
+            })?;
+        }
+        let lock = lock_dir(root)?;
+        let mut firsts = Vec::new();
+        let entries = std::fs::read_dir(root).map_err(|source| OutboxError::CreateDir {
+            path: root.to_owned(),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if let Some(first) = name.to_str().and_then(|n| n.parse::<u64>().ok()) {
+                firsts.push(first);
+            }
+        }
+        firsts.sort_unstable();
+        let (doorbell, rung) = channel::bounded(1);
+        let store = Store {
+            root: root.to_owned(),
+            _lock: lock,
+            generations: RwLock::new(Vec::new()),
+            metrics,
+            max_bytes,
+            rotate_at: (max_bytes / 4).clamp(1, GENERATION_BYTES),
+            reading: AtomicU64::new(0),
+            live_bytes: AtomicU64::new(0),
+            disk_measured: AtomicU64::new(0),
+            disk_since: AtomicU64::new(0),
+            committed: AtomicU64::new(0),
+            doorbell,
+            removed: Mutex::new((None, 0)),
+            removal_limit: AtomicU64::new(0),
+        };
+        store.scan(&firsts)?;
+        store.add_generation()?;
+        store.retire_drained();
+        store.measure_disk();
+        Ok((Arc::new(store), rung))
+    }
+
+    pub(super) fn generations(&self) -> Vec<Arc<Generation>> {
+        self.generations
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(super) fn active(&self) -> Arc<Generation> {
+        self.generations()
+            .last()
+            .cloned()
+            .expect("the outbox always has a generation")
+    }
+
+    /// Counts what a previous run left behind, one generation at a time
+    /// (each is closed again after), so the backlog is never all in memory.
+    pub(super) fn scan(&self, firsts: &[u64]) -> Result<(), OutboxError> {
+        let (mut batches, mut records, mut bytes, mut next) = (0i64, 0i64, 0u64, 0u64);
+        let mut generations = Vec::new();
+        // No file: nothing was ever removed (it is written before the first
+        // removal). A damaged one: unknown, and no loss can be told apart.
+        let removed_path = self.root.join(REMOVED_FILE);
+        let removed = match removed_path.exists() {
+            false => Some(0),
+            true => read_mark(&removed_path),
+        };
+        if let Some(mark) = removed {
+            self.removed.lock().unwrap_or_else(|p| p.into_inner()).1 = mark;
+            self.removal_limit.store(mark, SeqCst);
+        }
+        for &first in firsts {
+            let Some((generation, stats)) =
+                load_generation(&self.root, first, removed, &self.metrics)?
+            else {
+                continue;
+            };
+            next = next.max(first).max(stats.next_seq);
+            batches += stats.batches as i64;
+            records += stats.records;
+            bytes += stats.bytes;
+            generations.push(Arc::new(generation));
+        }
+        *self.generations.write().unwrap_or_else(|p| p.into_inner()) = generations;
+        self.committed.store(next, SeqCst);
+        self.live_bytes.store(bytes, SeqCst);
+        self.metrics.outbox_batches.store(batches, Relaxed);
+        self.metrics.outbox_records.store(records, Relaxed);
+        self.metrics.outbox_bytes.store(bytes as i64, Relaxed);
+        if batches > 0 {
+            log::info!(
+                "outbox holds {records} requests in {batches} batches ({bytes} bytes) from before; replaying them first"
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts a new generation for appends, beginning at the next seq, and
+    /// closes the previous one unless the producer is reading it.
+    pub(super) fn add_generation(&self) -> Result<(), OutboxError> {
+        let first = self.committed.load(SeqCst);
+        if self
+            .generations()
+            .last()
+            .is_some_and(|g| g.first_seq >= first)
+        {
+            return Ok(()); // nothing was written to the active one yet
+        }
+        let dir = self.root.join(format!("{first:020}"));
+        let db = open_db(&dir).map_err(|source| OutboxError::Open {
+            path: dir.clone(),
+            source,
+        })?;
+        let generation = Generation::new(first, dir, Some(db));
+        // Its `flushed` mark and its own name must be on disk before
+        // anything acked goes in (sled's files were synced on open).
+        generation.mark_flushed(first);
+        let io = |source| OutboxError::CreateDir {
+            path: generation.dir.clone(),
+            source,
+        };
+        generation.sync_flushed_mark().map_err(io)?;
+        durable::sync_path(&self.root).map_err(io)?;
+        let previous = {
+            let mut generations = self.generations.write().unwrap_or_else(|p| p.into_inner());
+            let previous = generations.last().cloned();
+            generations.push(Arc::new(generation));
+            previous
+        };
+        if let Some(previous) = previous {
+            if previous.first_seq != self.reading.load(SeqCst) {
+                previous.close();
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes generations that are no longer written to and hold nothing:
+    /// sled keeps the space of removed records, a deleted directory does not.
+    pub(super) fn retire_drained(&self) {
+        let retired: Vec<Arc<Generation>> = {
+            let mut generations = self.generations.write().unwrap_or_else(|p| p.into_inner());
+            let last = generations.len().saturating_sub(1);
+            let (keep, gone): (Vec<_>, Vec<_>) = generations
+                .drain(..)
+                .enumerate()
+                .partition(|(i, g)| *i == last || !g.is_empty());
+            *generations = keep.into_iter().map(|(_, g)| g).collect();
+            gone.into_iter().map(|(_, g)| g).collect()
+        };
+        let any = !retired.is_empty();
+        for generation in retired {
+            generation
+                .db
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            match std::fs::remove_dir_all(&generation.dir) {
+                Ok(()) => log::debug!(
+                    "outbox generation {} drained and deleted",
+                    generation.dir.display()
+                ),
+                Err(e) => log::warn!(
+                    "cannot delete drained outbox generation {}: {e}",
+                    generation.dir.display()
+                ),
+            }
+        }
+        if any {
+            self.measure_disk();
+        }
+    }
+
+    /// The first flushed batch at or after `seq`.
+    pub fn next_batch(&self, seq: u64) -> Result<Option<(u64, sled::IVec)>, OutboxError> {
+        let end = self.committed.load(SeqCst);
+        if seq >= end {
+            return Ok(None);
+        }
+        let generations = self.generations();
+        let from = generations
+            .iter()
+            .rposition(|g| g.first_seq <= seq)
+            .unwrap_or(0);
+        for generation in &generations[from..] {
+            if generation.is_empty() || generation.retired.load(SeqCst) {
+                continue;
+            }
+            self.reading.store(generation.first_seq, SeqCst);
+            let start = seq.max(generation.first_seq);
+            let db = generation.db()?;
+            if let Some(item) = db.range(start.to_be_bytes()..end.to_be_bytes()).next() {
+                let (key, value) = item?;
+                return Ok(Some((seq_of(&key), value)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes a batch whose requests Kafka confirmed (or a corrupt one).
+    pub fn remove(&self, seq: u64, bytes: u64, records: u32) -> Result<(), OutboxError> {
+        let generations = self.generations();
+        let Some(generation) = generations.iter().rev().find(|g| g.first_seq <= seq) else {
+            return Ok(());
+        };
+        if generation.retired.load(SeqCst) {
+            return Ok(()); // drained and deleted: nothing left to remove
+        }
+        if !self.removal_allowed(seq) {
+            // The producer moves the mark ahead off the executor; this is
+            // the fallback (a corrupt batch skipped, say).
+            self.advance_removal_mark(seq + 1)?;
+        }
+        if generation.db()?.remove(seq.to_be_bytes())?.is_none() {
+            return Ok(()); // already gone
+        }
+        generation.batches.fetch_sub(1, SeqCst);
+        self.live_bytes.fetch_sub(bytes, SeqCst);
+        self.metrics.outbox_batches.fetch_sub(1, Relaxed);
+        self.metrics
+            .outbox_records
+            .fetch_sub(i64::from(records), Relaxed);
+        self.metrics.outbox_bytes.fetch_sub(bytes as i64, Relaxed);
+        if generations.len() > 1 && generation.is_empty() {
+            self.retire_drained();
+        }
+        Ok(())
+    }
+
+    /// True if the batch `seq` may be removed without moving the removal
+    /// mark first.
+    pub fn removal_allowed(&self, seq: u64) -> bool {
+        seq < self.removal_limit.load(SeqCst)
+    }
+
+    /// Blocking: writes and syncs (in [`REMOVED_FILE`]) that batches below
+    /// `next` may be gone, before any such removal can reach the disk. A
+    /// mark ahead of the removals only narrows what a loss check covers.
+    pub fn advance_removal_mark(&self, next: u64) -> Result<(), OutboxError> {
+        let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+        if removed.1 >= next {
+            return Ok(());
+        }
+        let path = self.root.join(REMOVED_FILE);
+        let io = |source| OutboxError::CreateDir {
+            path: path.clone(),
+            source,
+        };
+        if removed.0.is_none() {
+            let existed = path.exists();
+            let file = std::fs::File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(io)?;
+            if !existed {
+                file.sync_all().map_err(io)?;
+                durable::sync_path(&self.root).map_err(io)?;
+            }
+            removed.0 = Some(file);
+        }
+        let file = removed.0.as_ref().expect("opened above");
+        write_mark(file, next);
+        file.sync_data().map_err(io)?;
+        removed.1 = next;
+        self.removal_limit.store(next, SeqCst);
+        Ok(())
+    }
+
+    /// Blocking: persists removals (and anything else pending).
+    pub fn flush(&self) -> Result<(), OutboxError> {
+        for generation in self.generations() {
+            if let Some(db) = generation.open_db() {
+                db.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.generations().iter().all(|g| g.is_empty())
+    }
+
+    /// Wakes the producer (used to make it notice a stop request).
+    pub fn wake(&self) {
+        let _ = self.doorbell.try_send(());
+    }
+
+    /// Measures the size on disk of every generation.
+    pub(super) fn measure_disk(&self) -> u64 {
+        let total = self.generations().iter().map(|g| dir_bytes(&g.dir)).sum();
+        self.disk_measured.store(total, SeqCst);
+        self.disk_since.store(0, SeqCst);
+        self.metrics.outbox_disk_bytes.store(total, Relaxed);
+        total
+    }
+
+    /// Disk use as last measured plus what was appended since (sled writes
+    /// at least that much), so the cap holds between measurements.
+    pub(super) fn disk_estimate(&self) -> u64 {
+        self.disk_measured.load(SeqCst) + self.disk_since.load(SeqCst)
+    }
+
+    pub(super) fn would_exceed(&self, pending: u64, incoming: u64) -> bool {
+        let live = self.live_bytes.load(SeqCst);
+        live + pending + incoming > self.max_bytes
+            || self.disk_estimate() + pending + incoming > self.max_bytes
+    }
+
+    /// Closes a large active generation to appends, so that it can be
+    /// deleted once drained and its pages leave memory meanwhile.
+    pub(super) fn maybe_rotate(&self) {
+        let active = self.active();
+        if active.appended.load(SeqCst) < self.rotate_at {
+            return;
+        }
+        if let Err(e) = self.add_generation() {
+            log::error!("cannot start a new outbox generation: {e}");
+            return;
+        }
+        self.retire_drained();
+    }
+}
+
+/// Bytes of the files in `dir` and below (sled's `blobs/`, our `keep/`). A
+/// file with two names (a blob and its `keep/` link) counts once.
+pub(super) fn dir_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len() / m.nlink().max(1),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+pub(super) fn lock_dir(root: &Path) -> Result<std::fs::File, OutboxError> {
+    let path = root.join("lock");
+    let io = |source| OutboxError::CreateDir {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(OutboxError::InUse {
+            path: root.to_owned(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+    }
+}

@@ -1,0 +1,185 @@
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use smol::channel::Receiver;
+use uuid::Uuid;
+
+use super::writer::DISK_CHECK_EVERY;
+use super::*;
+use crate::ops::metrics::Metrics;
+
+fn batch(ids: &[u128]) -> AppendBatch {
+    let mut b = AppendBatch::new();
+    for &id in ids {
+        b.push(format!("k{id}").as_bytes(), &Uuid::from_u128(id), |out| {
+            out.extend_from_slice(format!("{{\"n\":{id}}}").as_bytes())
+        });
+    }
+    b
+}
+
+fn ids(value: &[u8]) -> Vec<u128> {
+    Batch::parse(value)
+        .unwrap()
+        .entries()
+        .map(|e| e.message_id.as_u128())
+        .collect()
+}
+
+#[test]
+fn sealed_batch_round_trips() {
+    let mut b = batch(&[1, 2]);
+    for entry in batch(&[3]).raw_entries() {
+        b.push_raw(entry);
+    }
+    let value = b.seal();
+    let parsed = Batch::parse(&value).unwrap();
+    assert_eq!(parsed.count, 3);
+    let entries: Vec<Entry<'_>> = parsed.entries().collect();
+    assert_eq!(entries[2].key, b"k3");
+    assert_eq!(entries[2].payload, b"{\"n\":3}");
+    assert_eq!(ids(&value), vec![1, 2, 3]);
+}
+
+#[test]
+fn any_flipped_byte_is_detected() {
+    let value = batch(&[1, 2, 3]).seal();
+    for i in 0..value.len() {
+        let mut bad = value.clone();
+        bad[i] ^= 0x40;
+        assert!(Batch::parse(&bad).is_err(), "flip at {i} went unnoticed");
+    }
+    assert_eq!(
+        Batch::parse(&value[..value.len() - 1]).unwrap_err(),
+        CorruptBatch::Checksum
+    );
+    assert_eq!(Batch::parse(&value[..5]).unwrap_err(), CorruptBatch::Short);
+}
+
+fn open(dir: &Path, max: u64) -> (Arc<Store>, Receiver<()>, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::default());
+    let (s, r) = Store::open(&dir.join("outbox"), max, metrics.clone()).unwrap();
+    (s, r, metrics)
+}
+
+fn drain(store: &Store) -> Vec<u128> {
+    let mut seq = 0;
+    let mut out = Vec::new();
+    while let Some((s, v)) = store.next_batch(seq).unwrap() {
+        out.extend(ids(&v));
+        seq = s + 1;
+    }
+    out
+}
+
+#[test]
+fn appends_survive_reopen_in_order_and_removals_stick() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, rung, _) = open(dir.path(), 1 << 30);
+        let (appender, writer) = start_writer(store.clone(), Duration::from_millis(1));
+        let task = smol::spawn(writer);
+        smol::block_on(async {
+            appender.append(batch(&[1, 2])).await.unwrap();
+            appender.append(batch(&[3])).await.unwrap();
+            appender.append(batch(&[4])).await.unwrap();
+        });
+        assert!(rung.try_recv().is_ok(), "producer must be told");
+        drop(appender);
+        smol::block_on(task);
+        let (seq, v) = store.next_batch(0).unwrap().unwrap();
+        store.remove(seq, v.len() as u64, 2).unwrap();
+        store.flush().unwrap();
+    }
+    let (store, _, metrics) = open(dir.path(), 1 << 30);
+    assert_eq!(drain(&store), vec![3, 4]);
+    assert_eq!(metrics.outbox_records.load(Relaxed), 2);
+    // New appends go after the old ones.
+    let (appender, writer) = start_writer(store.clone(), Duration::ZERO);
+    let task = smol::spawn(writer);
+    smol::block_on(appender.append(batch(&[5]))).unwrap();
+    drop(appender);
+    smol::block_on(task);
+    assert_eq!(drain(&store), vec![3, 4, 5]);
+}
+
+#[test]
+fn drained_generations_are_deleted_so_a_full_outbox_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _, metrics) = open(dir.path(), 2 << 20);
+    let (appender, writer) = start_writer(store.clone(), Duration::ZERO);
+    let task = smol::spawn(writer);
+    let big = |id: u128| {
+        let mut b = AppendBatch::new();
+        b.push(b"k", &Uuid::from_u128(id), |out| {
+            out.extend(std::iter::repeat_n(b'x', 100 << 10))
+        });
+        b
+    };
+    let mut id = 0;
+    let (mut acked, mut delivered) = (Vec::new(), Vec::new());
+    smol::block_on(async {
+        for _round in 0..3 {
+            // Fill to the cap, pausing so the writer measures the disk.
+            loop {
+                id += 1;
+                match appender.append(big(id)).await {
+                    Ok(()) => acked.push(id),
+                    Err(AppendError::Full) => break,
+                    Err(e) => panic!("{e}"),
+                }
+                if id % 4 == 0 {
+                    smol::Timer::after(Duration::from_millis(120)).await;
+                }
+                assert!(id < 1000, "the cap never applied");
+            }
+            // Deliver everything, as the producer would: every acked
+            // id exactly once, in order, across generations.
+            let mut seq = 0;
+            while let Some((s, v)) = store.next_batch(seq).unwrap() {
+                delivered.extend(ids(&v));
+                store.remove(s, v.len() as u64, 1).unwrap();
+                seq = s + 1;
+            }
+            assert_eq!(delivered, acked, "round {_round}");
+            assert!(store.is_empty());
+            smol::Timer::after(DISK_CHECK_EVERY + Duration::from_millis(100)).await;
+            id += 1;
+            appender.append(big(id)).await.expect("space came back");
+            acked.push(id);
+        }
+    });
+    let dirs = std::fs::read_dir(dir.path().join("outbox"))
+        .unwrap()
+        .count();
+    assert!(dirs <= 3, "{dirs} generations left behind");
+    assert!(metrics.outbox_disk_bytes.load(Relaxed) <= 2 << 20);
+    drop(appender);
+    smol::block_on(task);
+}
+
+#[test]
+fn cap_refuses_with_full_and_keeps_what_was_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _, _) = open(dir.path(), 1 << 20);
+    let (appender, writer) = start_writer(store.clone(), Duration::ZERO);
+    let task = smol::spawn(writer);
+    let big = |id: u128| {
+        let mut b = AppendBatch::new();
+        b.push(b"k", &Uuid::from_u128(id), |out| {
+            out.extend(std::iter::repeat_n(b'x', 300 << 10))
+        });
+        b
+    };
+    smol::block_on(async {
+        appender.append(big(1)).await.unwrap();
+        appender.append(big(2)).await.unwrap();
+        appender.append(big(3)).await.unwrap();
+        assert_eq!(appender.append(big(4)).await, Err(AppendError::Full));
+    });
+    assert_eq!(drain(&store), vec![1, 2, 3]);
+    drop(appender);
+    smol::block_on(task);
+}
