@@ -6,11 +6,11 @@
 
 use libfuzzer_sys::fuzz_target;
 
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 #[path = "../../src/wire/frame.rs"]
 mod frame;
-#[allow(dead_code)]
-#[path = "../../src/wire/protocol.rs"]
+#[allow(dead_code, unused_imports)]
+#[path = "../../src/wire/protocol/mod.rs"]
 mod protocol;
 
 use frame::{Frame, LineDecoder};

@@ -5,8 +5,8 @@
 
 use libfuzzer_sys::fuzz_target;
 
-#[allow(dead_code)]
-#[path = "../../src/wire/protocol.rs"]
+#[allow(dead_code, unused_imports)]
+#[path = "../../src/wire/protocol/mod.rs"]
 mod protocol;
 
 fuzz_target!(|data: &[u8]| {
