@@ -1,0 +1,186 @@
+use super::*;
+use std::io::Write;
+
+fn load(
+    toml_text: Option<&str>,
+    env: &[(&str, &str)],
+    flags: &[(&'static str, &str)],
+) -> Result<Config, ConfigError> {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    let mut f = Flags::default();
+    if let Some(text) = toml_text {
+        file.write_all(text.as_bytes()).unwrap();
+        f.config = Some(file.path().to_owned());
+    }
+    for (k, v) in flags {
+        f.values.insert(k, v.to_string());
+    }
+    let env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Config::load(&f, &env)
+}
+
+#[test]
+fn defaults_without_a_file() {
+    let c = load(None, &[], &[]).unwrap();
+    assert_eq!(c.listener.address.to_string(), "0.0.0.0:3000");
+    assert_eq!(c.listener.max_frame_bytes, 65_536);
+    assert_eq!(c.listener.max_connections, 100_000);
+    assert_eq!(c.listener.idle_timeout, Duration::from_secs(300));
+    assert_eq!(c.kafka.producer_topic, "tcp_layer_messages");
+    assert_eq!(c.kafka.consumer_topics, vec!["workers_layer_messages"]);
+    assert_eq!(c.outbox.max_bytes, 1 << 30);
+    assert_eq!(c.admin.address.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.consumer_group("abc"), "edgegate-abc");
+    assert!(c.server_id.is_none());
+}
+
+#[test]
+fn flag_beats_env_beats_file() {
+    let file = "[kafka]\nbrokers = \"file:1\"\nproducer_topic = \"from_file\"\n[listener]\nmax_frame_bytes = 100\n";
+    let c = load(
+        Some(file),
+        &[
+            ("EDGEGATE_KAFKA_BROKERS", "env:1"),
+            ("EDGEGATE_LISTENER_MAX_FRAME_BYTES", "200"),
+        ],
+        &[("kafka.brokers", "flag:1")],
+    )
+    .unwrap();
+    assert_eq!(c.kafka.brokers, "flag:1");
+    assert_eq!(c.listener.max_frame_bytes, 200);
+    assert_eq!(c.kafka.producer_topic, "from_file");
+}
+
+#[test]
+fn topics_from_env_are_comma_separated_and_properties_pass_through() {
+    let file = "[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"linger.ms\" = 10\n";
+    let c = load(
+        Some(file),
+        &[("EDGEGATE_KAFKA_CONSUMER_TOPICS", "a, b")],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.kafka.consumer_topics, vec!["a", "b"]);
+    assert_eq!(c.kafka.properties["security.protocol"], "SASL_SSL");
+    assert_eq!(c.kafka.properties["linger.ms"], "10");
+}
+
+#[test]
+fn bad_values_name_their_key() {
+    type Case<'a> = (Option<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            Some("[listener]\nmax_frame_bytes = \"big\"\n"),
+            vec![],
+            "listener.max_frame_bytes",
+        ),
+        (
+            None,
+            vec![("EDGEGATE_LISTENER_MAX_CONNECTIONS", "0")],
+            "listener.max_connections",
+        ),
+        (
+            None,
+            vec![("EDGEGATE_LISTENER_ADDRESS", "nowhere")],
+            "listener.address",
+        ),
+        (
+            None,
+            vec![("EDGEGATE_KAFKA_PRODUCER_TOPIC", "bad topic")],
+            "kafka.producer_topic",
+        ),
+        (
+            None,
+            vec![("EDGEGATE_OUTBOX_MAX_BYTES", "-1")],
+            "outbox.max_bytes",
+        ),
+        (None, vec![("EDGEGATE_SERVER_ID", "has space")], "server_id"),
+        (
+            Some("[outbox]\nflush_interval_ms = -5\n"),
+            vec![],
+            "outbox.flush_interval_ms",
+        ),
+    ];
+    for (file, env, key) in cases {
+        let err = load(file, &env, &[]).unwrap_err();
+        assert!(err.to_string().contains(key), "{err} should name {key}");
+    }
+}
+
+#[test]
+fn unknown_keys_and_bad_toml_are_refused() {
+    let err = load(Some("[listener]\nmax_frame_byte = 5\n"), &[], &[]).unwrap_err();
+    assert!(err.to_string().contains("listener.max_frame_byte"), "{err}");
+    let err = load(Some("[listener\n"), &[], &[]).unwrap_err();
+    assert!(matches!(err, ConfigError::Toml { .. }), "{err}");
+}
+
+#[test]
+fn security_settings_are_checked_against_each_other() {
+    let c = load(None, &[], &[]).unwrap();
+    assert_eq!(c.auth.mode, AuthMode::None);
+    assert_eq!(c.auth.timeout, Duration::from_secs(10));
+    assert!(c.tls.address.is_none());
+    let refused: &[(&[(&str, &str)], &str)] = &[
+        (&[("EDGEGATE_AUTH_MODE", "tokens")], "auth.mode"),
+        (&[("EDGEGATE_AUTH_MODE", "token")], "auth.token_key_file"),
+        (&[("EDGEGATE_AUTH_MODE", "mtls")], "tls.address"),
+        (
+            &[
+                ("EDGEGATE_AUTH_MODE", "mtls"),
+                ("EDGEGATE_TLS_ADDRESS", "127.0.0.1:3443"),
+                ("EDGEGATE_TLS_CERT_FILE", "c.pem"),
+                ("EDGEGATE_TLS_KEY_FILE", "k.pem"),
+            ],
+            "tls.client_ca_file",
+        ),
+        (
+            &[("EDGEGATE_TLS_ADDRESS", "127.0.0.1:3443")],
+            "tls.cert_file",
+        ),
+        (&[("EDGEGATE_TLS_ADDRESS", "nowhere")], "tls.address"),
+        (
+            &[("EDGEGATE_TLS_CLIENT_CA_FILE", "ca.pem")],
+            "tls.client_ca_file",
+        ),
+        (&[("EDGEGATE_AUTH_TIMEOUT_SECS", "0")], "auth.timeout_secs"),
+    ];
+    for (env, key) in refused {
+        let e = load(None, env, &[]).unwrap_err().to_string();
+        assert!(e.contains(&format!("`{key}`")), "{env:?}: {e}");
+    }
+    let c = load(
+        Some("[auth]\nmode = \"mtls\"\n[tls]\naddress = \"127.0.0.1:3443\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\nclient_ca_file = \"ca.pem\"\n"),
+        &[],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.auth.mode, AuthMode::Mtls);
+    assert_eq!(c.tls.address.unwrap().port(), 3443);
+    assert!(c.describe().contains("auth.mode = \"mtls\""));
+}
+
+#[test]
+fn env_names() {
+    assert_eq!(env_name("server_id"), "EDGEGATE_SERVER_ID");
+    assert_eq!(
+        env_name("outbox.flush_interval_ms"),
+        "EDGEGATE_OUTBOX_FLUSH_INTERVAL_MS"
+    );
+}
+
+#[test]
+fn describe_hides_secrets() {
+    let c = load(
+        Some("[kafka.properties]\n\"sasl.password\" = \"hunter2\"\n"),
+        &[],
+        &[],
+    )
+    .unwrap();
+    let text = c.describe();
+    assert!(!text.contains("hunter2"));
+    assert!(text.contains("sasl.password"));
+}
