@@ -18,6 +18,7 @@ use smol::{Async, Timer};
 use uuid::Uuid;
 
 use crate::config::AuthMode;
+use crate::device::dispatch::{self, AuthState, Decision, Session};
 use crate::device::transport::{Ready, SharedSocket, Transport};
 use crate::device::Shared;
 use crate::ops::metrics::{AuthFailure, HandshakeError};
@@ -26,7 +27,7 @@ use crate::routing::{Downlink, Mailbox};
 use crate::security::tls;
 use crate::wire::frame::{Frame, LineDecoder};
 use crate::wire::ids;
-use crate::wire::protocol::{self, ErrorCode, Inbound, Origin, Request, Timestamp};
+use crate::wire::protocol::{self, ErrorCode, Origin, Request, Timestamp};
 
 /// Bytes read per syscall, into the per-thread buffer.
 const READ_CHUNK: usize = 64 << 10;
@@ -208,17 +209,6 @@ enum Closed {
     Unauthorized,
     /// Its incomplete frame would go past `listener.max_partial_bytes`.
     PartialBudget,
-}
-
-/// Where a connection stands with authentication (PROTOCOL 5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AuthState {
-    /// `auth.mode = none`.
-    Open,
-    /// Token mode, before a valid auth frame: only pings and auth.
-    Pending,
-    /// Authenticated by token or certificate.
-    Done,
 }
 
 struct Connection {
@@ -428,127 +418,62 @@ impl Connection {
             if work.close.is_some() {
                 return; // the connection closes after the reply already queued
             }
-            let start = work.text.len();
-            let line = match frame {
-                Frame::TooLarge if *auth == AuthState::Pending => {
-                    refuse(
-                        work,
-                        shared,
-                        *peer,
-                        None,
-                        AuthFailure::NotAuthFirst,
-                        NOT_AUTH_FIRST,
-                    );
-                    return;
-                }
-                Frame::TooLarge => {
-                    let msg = format!(
-                        "the frame is longer than {} bytes and was discarded",
-                        shared.limits.max_frame_bytes
-                    );
-                    error(work, shared, None, ErrorCode::FrameTooLarge, &msg);
-                    return;
-                }
-                Frame::Line(line) => line,
+            let session = Session {
+                auth: *auth,
+                bound: bound.as_deref(),
+                shutting_down: shared.shutting_down.load(Relaxed),
+                max_frame_bytes: shared.limits.max_frame_bytes,
             };
-            let parsed = protocol::parse_frame(line);
-            match parsed {
-                Ok(Inbound::TextPing) => {
+            let start = work.text.len();
+            match dispatch::decide(frame, &session, |req| authenticate(shared, req)) {
+                Decision::Pong => {
                     work.text.extend_from_slice(b"Pong\n");
                     work.replies.push(Reply::Ready(start..work.text.len()));
                 }
-                Ok(Inbound::JsonPing(uid)) => {
-                    protocol::write_pong(&mut work.text, uid.raw);
+                Decision::JsonPong { uid } => {
+                    protocol::write_pong(&mut work.text, uid);
                     work.replies.push(Reply::Ready(start..work.text.len()));
                 }
-                Ok(Inbound::Request(req)) if *auth == AuthState::Pending => {
-                    if req.action.value != "auth" {
-                        refuse(
-                            work,
-                            shared,
-                            *peer,
-                            Some(req.uid.raw),
-                            AuthFailure::NotAuthFirst,
-                            NOT_AUTH_FIRST,
-                        );
-                        return;
-                    }
-                    match authenticate(shared, &req) {
-                        Ok(device) => {
-                            let device = shared.router.register_bound(
-                                *client_id,
-                                transport.socket().clone(),
-                                mailbox.clone(),
-                                &device,
-                            );
-                            log::debug!(
-                                "connection {client_id} from {peer} authenticated as {device}"
-                            );
-                            *bound = Some(device);
-                            *auth = AuthState::Done;
-                            shared.metrics.auth_ok.fetch_add(1, Relaxed);
-                            protocol::write_auth_ok(&mut work.text, req.uid.raw);
-                            work.replies.push(Reply::Ready(start..work.text.len()));
-                        }
-                        Err((why, msg)) => {
-                            log::info!("refused authentication from {peer}: {msg}");
-                            refuse(work, shared, *peer, Some(req.uid.raw), why, msg);
-                        }
-                    }
-                }
-                Err(rejection) if *auth == AuthState::Pending => {
-                    let uid = rejection.uid_json.as_deref();
-                    refuse(
-                        work,
-                        shared,
-                        *peer,
-                        uid,
-                        AuthFailure::NotAuthFirst,
-                        NOT_AUTH_FIRST,
-                    );
-                }
-                Err(rejection) => {
+                Decision::Reject(rejection) => {
                     shared.metrics.error(rejection.code);
                     protocol::write_rejection(&mut work.text, &rejection);
                     work.replies.push(Reply::Ready(start..work.text.len()));
                 }
-                Ok(Inbound::Request(req)) => {
-                    if *auth == AuthState::Done && req.action.value == "auth" {
-                        let msg = "this connection is already authenticated";
-                        error(work, shared, Some(req.uid.raw), ErrorCode::BadRequest, msg);
-                        return;
+                Decision::Error { uid, code, message } => {
+                    error(work, shared, uid, code, &message);
+                }
+                Decision::ShuttingDown { uid } => {
+                    work.close = Some(Closed::ShuttingDown);
+                    let msg =
+                        "the gateway is shutting down; send this request again after reconnecting";
+                    error(work, shared, Some(uid), ErrorCode::ShuttingDown, msg);
+                }
+                Decision::Refuse { uid, why, message } => {
+                    if why != AuthFailure::NotAuthFirst {
+                        log::info!("refused authentication from {peer}: {message}");
                     }
-                    if shared.shutting_down.load(Relaxed) {
-                        work.close = Some(Closed::ShuttingDown);
-                        let msg = "the gateway is shutting down; send this request again after reconnecting";
-                        error(
-                            work,
-                            shared,
-                            Some(req.uid.raw),
-                            ErrorCode::ShuttingDown,
-                            msg,
-                        );
-                        return;
-                    }
-                    let bound = bound.as_deref();
-                    if let (Some(b), Some(claimed)) = (bound, &req.device_uid) {
-                        if *b != *claimed.value {
-                            let msg = "this connection is bound to another deviceUid";
-                            error(
-                                work,
-                                shared,
-                                Some(req.uid.raw),
-                                ErrorCode::Unauthorized,
-                                msg,
-                            );
-                            return;
-                        }
-                    }
+                    refuse(work, shared, *peer, uid.as_deref(), why, message);
+                }
+                Decision::Authenticated { uid, device } => {
+                    let device = shared.router.register_bound(
+                        *client_id,
+                        transport.socket().clone(),
+                        mailbox.clone(),
+                        &device,
+                    );
+                    log::debug!("connection {client_id} from {peer} authenticated as {device}");
+                    *bound = Some(device);
+                    *auth = AuthState::Done;
+                    shared.metrics.auth_ok.fetch_add(1, Relaxed);
+                    protocol::write_auth_ok(&mut work.text, uid);
+                    work.replies.push(Reply::Ready(start..work.text.len()));
+                }
+                Decision::Accept(req) => {
                     let message_id = ids::new_v4();
                     let origin = Origin {
                         server_id: &shared.server_id,
                         client_id,
-                        bound_device: bound,
+                        bound_device: bound.as_deref(),
                     };
                     let mut key_buf = [0u8; 45];
                     let key = protocol::record_key(&req, &origin, &mut key_buf);
@@ -722,10 +647,8 @@ fn error(work: &mut Work, shared: &Shared, uid: Option<&str>, code: ErrorCode, m
     work.replies.push(Reply::Ready(start..work.text.len()));
 }
 
-const NOT_AUTH_FIRST: &str = "authenticate first: the first frame must be an auth frame";
-
 /// Token mode: checks an auth frame; the deviceUid it proves, or why not.
-fn authenticate(shared: &Shared, req: &Request<'_>) -> Result<String, (AuthFailure, &'static str)> {
+fn authenticate(shared: &Shared, req: &Request<'_>) -> dispatch::AuthResult {
     let claim = protocol::auth_claim(req).map_err(|why| (AuthFailure::BadToken, why))?;
     let Some(key) = &shared.gate.key else {
         return Err((

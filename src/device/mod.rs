@@ -3,6 +3,7 @@
 //! answers, and writes the backend's messages.
 
 pub mod connection;
+pub mod dispatch;
 pub mod listener;
 pub mod transport;
 
