@@ -7,8 +7,10 @@
 # then through B, each gateway on its own fresh data directory under
 # DATA_ROOT (default: a temporary directory, so the real disk's fsync cost is
 # in the figures). Prints each line, then per build the median msgs/s, its
-# ratio to raw, the median ack p50/p99, and the bytes the gateway process
-# wrote to disk per acked request (write_bytes in /proc/PID/io: flash wear).
+# ratio to raw, the median ack p50/p99, the bytes the gateway process
+# wrote to disk per acked request (write_bytes in /proc/PID/io: flash wear),
+# and the memory an idle connection costs each (IDLE=N connections, default
+# 5,000; 0 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 2 ] || { echo "usage: benches/compare.sh BIN_A BIN_B [ROUNDS]" >&2; exit 64; }
@@ -59,6 +61,17 @@ for i in $(seq "$rounds"); do
   echo "B $(uplink 127.0.0.1:21601 cmp_b)" | tee -a "$work/lines"
 done
 
+idle_conns="${IDLE:-5000}"
+idle_line() { # SIDE BIN PORT ADMIN
+  [ "$idle_conns" -gt 0 ] || return 0
+  local pid
+  pid=$(gateway "$2" "idle-$1" "127.0.0.1:$3" "127.0.0.1:$4" cmp_raw)
+  echo "$1-idle $("$bench" idle --gateway "127.0.0.1:$3" --pid "$pid" --connections "$idle_conns" 2>/dev/null)" | tee -a "$work/lines"
+  kill "$pid"
+}
+idle_line A "$bin_a" 21602 21682
+idle_line B "$bin_b" 21603 21683
+
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 field() { grep "^$1 " "$work/lines" | tr ' ' '\n' | sed -n "s/^$2=//p" | median; }
 raw=$(field raw msgs_per_sec)
@@ -67,6 +80,7 @@ for side in A B; do
   written=$(awk '/^write_bytes/{print $2}' "/proc/$pid/io")
   rate=$(field "$side" msgs_per_sec)
   missing=$(grep "^$side " "$work/lines" | tr ' ' '\n' | sed -n 's/^missing=//p' | paste -sd+ | bc)
-  echo "$side: median msgs_per_sec=$rate ratio_to_raw=$(awk "BEGIN{printf \"%.3f\", $rate / $raw}") p50_ms=$(field "$side" p50_ms) p99_ms=$(field "$side" p99_ms) missing=$missing disk_bytes_per_request=$(( written / (rounds * 400000) ))"
+  idle=$(grep "^$side-idle " "$work/lines" | tr ' ' '\n' | sed -n 's/^bytes_per_connection=//p')
+  echo "$side: median msgs_per_sec=$rate ratio_to_raw=$(awk "BEGIN{printf \"%.3f\", $rate / $raw}") p50_ms=$(field "$side" p50_ms) p99_ms=$(field "$side" p99_ms) missing=$missing disk_bytes_per_request=$(( written / (rounds * 400000) )) idle_bytes_per_connection=${idle:--}"
 done
 echo "raw: median msgs_per_sec=$raw; A=$bin_a B=$bin_b; $rounds rounds"

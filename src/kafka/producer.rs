@@ -30,7 +30,7 @@ use uuid::Uuid;
 use crate::config::KafkaConfig;
 use crate::kafka::ErrorLog;
 use crate::ops::metrics::Metrics;
-use crate::outbox::{Batch, Store};
+use crate::outbox::{Reader, Store};
 
 /// Requests handed to librdkafka and not yet confirmed, at most. Bounds
 /// memory during a long outage (the rest waits on disk) while keeping enough
@@ -119,14 +119,12 @@ struct InFlight {
     seq: u64,
     /// This process's id of the batch, carried by each delivery report.
     local: usize,
-    count: u32,
     remaining: u32,
-    bytes: u64,
     failed: bool,
 }
 
 pub struct Pipeline {
-    store: Arc<Store>,
+    reader: Reader,
     topic: String,
     config: ClientConfig,
     metrics: Arc<Metrics>,
@@ -136,8 +134,6 @@ pub struct Pipeline {
     in_flight: VecDeque<InFlight>,
     in_flight_msgs: usize,
     next_local: usize,
-    /// Next outbox seq to read.
-    cursor: u64,
     last_read_error: Option<Instant>,
 }
 
@@ -151,7 +147,7 @@ impl Pipeline {
         let config = client_config(cfg);
         let producer = create(&config, reports_tx.clone(), metrics.clone())?;
         Ok(Pipeline {
-            store,
+            reader: Reader::new(store),
             topic: cfg.producer_topic.clone(),
             config,
             metrics,
@@ -161,7 +157,6 @@ impl Pipeline {
             in_flight: VecDeque::new(),
             in_flight_msgs: 0,
             next_local: 0,
-            cursor: 0,
             last_read_error: None,
         })
     }
@@ -220,7 +215,7 @@ impl Pipeline {
                 backoff = RETRY_MIN;
             }
             if removed_since_flush && last_flush.elapsed() >= REMOVAL_FLUSH_EVERY {
-                let store = self.store.clone();
+                let store = self.reader.store().clone();
                 if let Err(e) = smol::unblock(move || store.flush()).await {
                     log::warn!("persisting outbox removals failed: {e}");
                 }
@@ -228,7 +223,7 @@ impl Pipeline {
                 last_flush = Instant::now();
             }
         }
-        let store = self.store.clone();
+        let store = self.reader.store().clone();
         if let Err(e) = smol::unblock(move || store.flush()).await {
             log::warn!("persisting outbox removals failed: {e}");
         }
@@ -240,8 +235,8 @@ impl Pipeline {
             return; // wait for the rewind
         }
         while self.in_flight_msgs < MAX_IN_FLIGHT {
-            let (seq, value) = match self.store.next_batch(self.cursor) {
-                Ok(Some(next)) => next,
+            let batch = match self.reader.read_next() {
+                Ok(Some(batch)) => batch,
                 Ok(None) => return,
                 Err(e) => {
                     // Retried on the next wake-up (at least every second);
@@ -256,30 +251,16 @@ impl Pipeline {
                     return;
                 }
             };
-            self.cursor = seq + 1;
-            let batch = match Batch::parse(&value) {
-                Ok(b) => b,
-                Err(e) => {
-                    log::error!("outbox batch {seq} is corrupt ({e}); skipping it");
-                    self.metrics.outbox_corrupt_batches.fetch_add(1, Relaxed);
-                    // Its record count is unknown; the gauge is re-counted on start.
-                    if let Err(e) = self.store.remove(seq, value.len() as u64, 0) {
-                        log::error!("removing corrupt outbox batch {seq} failed: {e}");
-                    }
-                    continue;
-                }
-            };
             let local = self.next_local;
             self.next_local = self.next_local.wrapping_add(1);
+            let count = batch.count();
             self.in_flight.push_back(InFlight {
-                seq,
+                seq: batch.seq,
                 local,
-                count: batch.count,
-                remaining: batch.count,
-                bytes: value.len() as u64,
+                remaining: count,
                 failed: false,
             });
-            self.in_flight_msgs += batch.count as usize;
+            self.in_flight_msgs += count as usize;
             let mut id_buf = Uuid::encode_buffer();
             for entry in batch.entries() {
                 let id = entry.message_id.hyphenated().encode_lower(&mut id_buf);
@@ -347,11 +328,12 @@ impl Pipeline {
             .take_while(|b| b.remaining == 0 && !b.failed)
             .last()
             .map(|b| b.seq);
-        if let Some(last) = confirmed.filter(|&seq| !self.store.removal_allowed(seq)) {
+        if let Some(last) = confirmed.filter(|&seq| self.reader.needs_mark(seq)) {
             // The removal mark is synced before any removal it covers; move
             // it to everything handed to Kafka so far, so that one sync
             // serves many removals, and off the executor.
-            let (store, next) = (self.store.clone(), self.cursor.max(last + 1));
+            let store = self.reader.store().clone();
+            let next = self.reader.cursor().max(last + 1);
             if let Err(e) = smol::unblock(move || store.advance_removal_mark(next)).await {
                 log::error!("moving the outbox removal mark failed: {e}");
                 return false;
@@ -362,7 +344,7 @@ impl Pipeline {
             if front.remaining > 0 || front.failed {
                 break;
             }
-            if let Err(e) = self.store.remove(front.seq, front.bytes, front.count) {
+            if let Err(e) = self.reader.ack(front.seq) {
                 log::error!("removing delivered outbox batch {} failed: {e}", front.seq);
                 break;
             }
@@ -378,7 +360,7 @@ impl Pipeline {
         let Some(first) = self.in_flight.front() else {
             return;
         };
-        self.cursor = first.seq;
+        self.reader.rewind(first.seq);
         self.in_flight.clear();
         self.in_flight_msgs = 0;
         let fatal = self.producer.client().fatal_error();
@@ -405,7 +387,7 @@ impl Pipeline {
         }
         log::warn!(
             "sending again from outbox batch {} in {backoff:?}",
-            self.cursor
+            self.reader.cursor()
         );
         Timer::after(backoff).await;
         while self.reports.try_recv().is_ok() {}

@@ -42,7 +42,8 @@
 //! `record` (the format above), `marks` (`flushed`, `removed`),
 //! `generation` (one sled database: open, sync, load), `durable` (what
 //! sled leaves unsynced), `store` (the generations, the cap, reads and
-//! removals), `writer` (the group commit).
+//! removals), `writer` (the group commit), `reader` (the producer's
+//! handle: stored batches in order, and their acks).
 //!
 //! # Invariants
 //!
@@ -72,6 +73,7 @@
 mod durable;
 mod generation;
 mod marks;
+mod reader;
 mod record;
 mod store;
 mod writer;
@@ -83,6 +85,7 @@ mod tests;
 
 use std::path::PathBuf;
 
+pub use reader::{Reader, StoredBatch};
 pub use record::{AppendBatch, Batch, CorruptBatch, Entry, HEADER_LEN};
 pub use store::Store;
 pub use writer::{start_writer, Appender};

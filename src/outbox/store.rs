@@ -240,7 +240,7 @@ impl Store {
     }
 
     /// The first flushed batch at or after `seq`.
-    pub fn next_batch(&self, seq: u64) -> Result<Option<(u64, sled::IVec)>, OutboxError> {
+    pub(super) fn next_batch(&self, seq: u64) -> Result<Option<(u64, sled::IVec)>, OutboxError> {
         let end = self.committed.load(SeqCst);
         if seq >= end {
             return Ok(None);
@@ -266,7 +266,7 @@ impl Store {
     }
 
     /// Removes a batch whose requests Kafka confirmed (or a corrupt one).
-    pub fn remove(&self, seq: u64, bytes: u64, records: u32) -> Result<(), OutboxError> {
+    pub(super) fn remove(&self, seq: u64, bytes: u64, records: u32) -> Result<(), OutboxError> {
         let generations = self.generations();
         let Some(generation) = generations.iter().rev().find(|g| g.first_seq <= seq) else {
             return Ok(());
