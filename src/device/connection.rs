@@ -11,7 +11,6 @@ use std::net::{SocketAddr, TcpStream};
 use std::ops::{ControlFlow, Range};
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_rustls::TlsAcceptor;
 use smol::{Async, Timer};
@@ -19,12 +18,11 @@ use uuid::Uuid;
 
 use crate::config::AuthMode;
 use crate::device::dispatch::{self, AuthState, Decision, Session};
-use crate::device::transport::{Ready, SharedSocket, Transport};
-use crate::device::Shared;
-use crate::ops::metrics::{AuthFailure, HandshakeError};
+use crate::device::transport::{Ready, Transport};
+use crate::device::{handshake, Shared, REVOKED};
+use crate::ops::metrics::AuthFailure;
 use crate::outbox::{AppendBatch, AppendError};
 use crate::routing::{Downlink, Mailbox};
-use crate::security::tls;
 use crate::wire::frame::{Frame, LineDecoder};
 use crate::wire::ids;
 use crate::wire::protocol::{self, ErrorCode, Origin, Request, Timestamp};
@@ -56,7 +54,15 @@ pub async fn serve(
         None => Ok((Transport::Plain(socket.clone()), None)),
         // Boxed: a handshake's state is large and would otherwise be part of
         // every connection's task, plain ones included, for its whole life.
-        Some(acceptor) => Box::pin(handshake(&acceptor, socket.clone(), peer, &shared)).await,
+        Some(acceptor) => {
+            Box::pin(handshake::handshake(
+                &acceptor,
+                socket.clone(),
+                peer,
+                &shared,
+            ))
+            .await
+        }
     };
     match opened {
         Ok((transport, certified)) => {
@@ -132,73 +138,6 @@ async fn open(
         .fetch_sub(conn.partial_held as i64, Relaxed);
     end
 }
-
-/// The TLS handshake, bounded by `auth.timeout_secs`; in mtls mode also
-/// the certificate's device, checked against the revocation list.
-async fn handshake(
-    acceptor: &TlsAcceptor,
-    socket: Arc<Async<TcpStream>>,
-    peer: SocketAddr,
-    shared: &Shared,
-) -> Result<(Transport, Option<String>), &'static str> {
-    let metrics = &shared.metrics;
-    let accepted = smol::future::or(
-        async { Some(acceptor.accept(SharedSocket(socket)).await) },
-        async {
-            Timer::after(shared.gate.timeout).await;
-            None
-        },
-    )
-    .await;
-    let stream = match accepted {
-        Some(Ok(stream)) => stream,
-        Some(Err(e)) => {
-            let why = tls::classify(&e);
-            log::debug!("TLS handshake with {peer} failed ({}): {e}", why.as_str());
-            metrics.handshake_error(why);
-            return Err(why.as_str());
-        }
-        None => {
-            metrics.handshake_error(HandshakeError::Timeout);
-            return Err(HandshakeError::Timeout.as_str());
-        }
-    };
-    if shared.gate.mode != AuthMode::Mtls {
-        return Ok((Transport::tls(stream), None));
-    }
-    let device = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .and_then(|cert| tls::subject_common_name(cert))
-        .filter(|cn| protocol::valid_device_uid(cn));
-    let Some(device) = device else {
-        log::info!("refusing {peer}: its certificate has no usable subject CN");
-        metrics.handshake_error(HandshakeError::NoCommonName);
-        return Err(HandshakeError::NoCommonName.as_str());
-    };
-    let mut transport = Transport::tls(stream);
-    if shared.gate.revoked.is_revoked(&device) {
-        log::info!("refusing {peer}: device {device} is revoked");
-        metrics.auth_failure(AuthFailure::Revoked);
-        shared.gate.damper.failure(peer.ip());
-        shared.metrics.error(ErrorCode::Unauthorized);
-        let mut line = Vec::new();
-        protocol::write_error(&mut line, None, ErrorCode::Unauthorized, REVOKED);
-        let _ = smol::future::or(transport.write_all(&line), async {
-            Timer::after(Duration::from_secs(1)).await;
-            Ok(())
-        })
-        .await;
-        transport.close().await;
-        return Err("revoked");
-    }
-    metrics.auth_ok.fetch_add(1, Relaxed);
-    Ok((transport, Some(device)))
-}
-
-const REVOKED: &str = "this device is revoked";
 
 #[derive(Debug)]
 enum Closed {
@@ -705,77 +644,4 @@ fn refusal_message(e: &AppendError) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every open connection is one task: its state is what an idle
-    /// connection costs (with the socket's registration and the router's
-    /// entry). It once grew past 4 KiB when the TLS handshake's state was
-    /// kept inline in every task; boxing that and the transient paths (a
-    /// batch being answered, a downlink write) brought it to about 800.
-    #[test]
-    fn an_idle_connection_task_stays_small() {
-        use crate::config::{AuthConfig, ListenerConfig};
-        use crate::ops::metrics::Metrics;
-        let dir = tempfile::tempdir().unwrap();
-        let metrics = Arc::new(Metrics::default());
-        let (store, _bell) =
-            crate::outbox::Store::open(&dir.path().join("outbox"), 1 << 30, metrics.clone())
-                .unwrap();
-        let (appender, _writer) = crate::outbox::start_writer(store, Duration::from_millis(2));
-        let auth = AuthConfig {
-            mode: AuthMode::None,
-            token_key_file: None,
-            revoked_file: None,
-            timeout: Duration::from_secs(10),
-            max_pending_bytes: 4096,
-        };
-        let shared = Arc::new(Shared {
-            server_id: "gw".into(),
-            limits: ListenerConfig {
-                address: "127.0.0.1:0".parse().unwrap(),
-                max_frame_bytes: 65536,
-                max_connections: 10,
-                idle_timeout: Duration::from_secs(300),
-                max_pending_downlink: 10,
-                max_pending_reply_bytes: 256 << 10,
-                max_partial_bytes: 64 << 20,
-            },
-            metrics: metrics.clone(),
-            router: Arc::new(crate::routing::Router::new(
-                "gw".into(),
-                10,
-                metrics.clone(),
-            )),
-            appender,
-            gate: crate::security::auth::Gate::new(&auth, metrics).unwrap(),
-            shutting_down: Default::default(),
-            open: Default::default(),
-        });
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let _peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (ours, peer) = listener.accept().unwrap();
-        let task = serve(Arc::new(Async::new(ours).unwrap()), peer, shared, None);
-        let size = std::mem::size_of_val(&task);
-        eprintln!("connection task: {size} bytes");
-        assert!(size <= 1024, "a connection task takes {size} bytes");
-    }
-
-    #[test]
-    fn outbox_refusals_map_to_the_contract_codes() {
-        assert_eq!(refusal_code(&AppendError::Full), ErrorCode::OutboxFull);
-        assert_eq!(
-            refusal_code(&AppendError::Store("io".into())),
-            ErrorCode::Internal
-        );
-        assert_eq!(refusal_code(&AppendError::Closed), ErrorCode::ShuttingDown);
-        // The device is told to keep and resend its request in each case.
-        for e in [
-            AppendError::Full,
-            AppendError::Store("x".into()),
-            AppendError::Closed,
-        ] {
-            assert!(refusal_message(&e).contains("again"), "{e}");
-        }
-    }
-}
+mod tests;

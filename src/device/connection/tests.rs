@@ -1,0 +1,73 @@
+use std::time::Duration;
+
+use super::*;
+
+/// Every open connection is one task: its state is what an idle
+/// connection costs (with the socket's registration and the router's
+/// entry). It once grew past 4 KiB when the TLS handshake's state was
+/// kept inline in every task; boxing that and the transient paths (a
+/// batch being answered, a downlink write) brought it to about 800.
+#[test]
+fn an_idle_connection_task_stays_small() {
+    use crate::config::{AuthConfig, ListenerConfig};
+    use crate::ops::metrics::Metrics;
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let (store, _bell) =
+        crate::outbox::Store::open(&dir.path().join("outbox"), 1 << 30, metrics.clone()).unwrap();
+    let (appender, _writer) = crate::outbox::start_writer(store, Duration::from_millis(2));
+    let auth = AuthConfig {
+        mode: AuthMode::None,
+        token_key_file: None,
+        revoked_file: None,
+        timeout: Duration::from_secs(10),
+        max_pending_bytes: 4096,
+    };
+    let shared = Arc::new(Shared {
+        server_id: "gw".into(),
+        limits: ListenerConfig {
+            address: "127.0.0.1:0".parse().unwrap(),
+            max_frame_bytes: 65536,
+            max_connections: 10,
+            idle_timeout: Duration::from_secs(300),
+            max_pending_downlink: 10,
+            max_pending_reply_bytes: 256 << 10,
+            max_partial_bytes: 64 << 20,
+        },
+        metrics: metrics.clone(),
+        router: Arc::new(crate::routing::Router::new(
+            "gw".into(),
+            10,
+            metrics.clone(),
+        )),
+        appender,
+        gate: crate::security::auth::Gate::new(&auth, metrics).unwrap(),
+        shutting_down: Default::default(),
+        open: Default::default(),
+    });
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let _peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (ours, peer) = listener.accept().unwrap();
+    let task = serve(Arc::new(Async::new(ours).unwrap()), peer, shared, None);
+    let size = std::mem::size_of_val(&task);
+    eprintln!("connection task: {size} bytes");
+    assert!(size <= 1024, "a connection task takes {size} bytes");
+}
+
+#[test]
+fn outbox_refusals_map_to_the_contract_codes() {
+    assert_eq!(refusal_code(&AppendError::Full), ErrorCode::OutboxFull);
+    assert_eq!(
+        refusal_code(&AppendError::Store("io".into())),
+        ErrorCode::Internal
+    );
+    assert_eq!(refusal_code(&AppendError::Closed), ErrorCode::ShuttingDown);
+    // The device is told to keep and resend its request in each case.
+    for e in [
+        AppendError::Full,
+        AppendError::Store("x".into()),
+        AppendError::Closed,
+    ] {
+        assert!(refusal_message(&e).contains("again"), "{e}");
+    }
+}
