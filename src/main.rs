@@ -152,17 +152,10 @@ fn init_logging() {
 
 /// Many devices means many sockets: take the hard limit the service was given.
 fn raise_open_file_limit() {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let limit = getrlimit(Resource::Nofile);
-    if limit.current < limit.maximum {
-        let raised = rustix::process::Rlimit {
-            current: limit.maximum,
-            maximum: limit.maximum,
-        };
-        match setrlimit(Resource::Nofile, raised) {
-            Ok(()) => log::info!("open-file limit raised to {:?}", limit.maximum),
-            Err(e) => log::warn!("cannot raise the open-file limit: {e}"),
-        }
+    match edgegate::ops::raise_open_file_limit() {
+        Ok(Some(limit)) => log::info!("open-file limit raised to {limit}"),
+        Ok(None) => {}
+        Err(e) => log::warn!("cannot raise the open-file limit: {e}"),
     }
 }
 

@@ -39,15 +39,7 @@ fn main() -> ExitCode {
 
 /// Thousands of connections from one process (the idle mode).
 fn raise_open_file_limit() {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let limit = getrlimit(Resource::Nofile);
-    if limit.current < limit.maximum {
-        let raised = rustix::process::Rlimit {
-            current: limit.maximum,
-            maximum: limit.maximum,
-        };
-        if let Err(e) = setrlimit(Resource::Nofile, raised) {
-            eprintln!("edgegate-bench: cannot raise the open-file limit: {e}");
-        }
+    if let Err(e) = edgegate::ops::raise_open_file_limit() {
+        eprintln!("edgegate-bench: cannot raise the open-file limit: {e}");
     }
 }

@@ -6,3 +6,21 @@ pub mod device_cli;
 pub mod metrics;
 pub mod signals;
 pub mod systemd;
+
+/// Raises the soft open-file limit to the hard one (each device is a
+/// socket); the new limit, or `None` when it was already there.
+pub fn raise_open_file_limit() -> Result<Option<u64>, rustix::io::Errno> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current >= limit.maximum {
+        return Ok(None);
+    }
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        },
+    )?;
+    Ok(limit.maximum)
+}
