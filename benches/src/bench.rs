@@ -528,7 +528,7 @@ fn roundtrip(o: &Options) -> Result<(), BenchError> {
     // up (device to worker) and the way down (worker to device).
     let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let worker = {
-        let (brokers, topic, reply, partitions, stop, seen) = (
+        let (brokers, topic, reply, partitions, worker_stop, seen) = (
             o.brokers.clone(),
             o.topic.clone(),
             o.reply_topic.clone(),
@@ -536,10 +536,31 @@ fn roundtrip(o: &Options) -> Result<(), BenchError> {
             stop.clone(),
             seen.clone(),
         );
-        std::thread::spawn(move || echo_worker(&brokers, &topic, &reply, partitions, &stop, &seen))
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let worker = std::thread::spawn(move || {
+            echo_worker(
+                &brokers,
+                &topic,
+                &reply,
+                partitions,
+                &worker_stop,
+                &seen,
+                ready_tx,
+            )
+        });
+        // The worker reads from the end; a request sent before it knows where
+        // the end is would never be answered. It says when it is positioned.
+        if ready_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            stop.store(true, Relaxed);
+            return match worker.join() {
+                Ok(Err(e)) => Err(e),
+                _ => Err(BenchError::Failed(
+                    "the echo worker never saw its own probe on the uplink topic".into(),
+                )),
+            };
+        }
+        worker
     };
-    // Let the worker resolve its start offsets (it reads from the end).
-    std::thread::sleep(Duration::from_secs(2));
 
     let per_conn = o.rate as f64 / o.connections as f64;
     let sending = Duration::from_secs(o.seconds);
@@ -578,9 +599,14 @@ fn roundtrip(o: &Options) -> Result<(), BenchError> {
                 let mut line = String::new();
                 let quiet_until = start + sending + Duration::from_secs(5);
                 while Instant::now() < quiet_until {
-                    line.clear();
+                    // A read timeout keeps the part of a line read so far in
+                    // `line`; only a whole line is taken and cleared.
+                    if line.ends_with('\n') {
+                        line.clear();
+                    }
                     match reader.read_line(&mut line) {
                         Ok(0) => break,
+                        Err(_) => continue,
                         Ok(_) if line.contains("\"action\":\"echo\"") => {
                             if let Some(uid) = extract(&line, "\"uid\":\"") {
                                 let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
@@ -724,6 +750,7 @@ fn echo_worker(
     partitions: i32,
     stop: &std::sync::atomic::AtomicBool,
     seen: &std::sync::Mutex<std::collections::HashMap<String, Instant>>,
+    ready: std::sync::mpsc::Sender<()>,
 ) -> Result<(), BenchError> {
     use rdkafka::producer::{BaseProducer, BaseRecord as Record};
     let consumer = reader(brokers, topic, partitions, rdkafka::Offset::End)?;
@@ -731,6 +758,38 @@ fn echo_worker(
         .set("bootstrap.servers", brokers)
         .set("linger.ms", "0")
         .create()?;
+    // Positioned once a probe written to each partition has been read back:
+    // resolving "the end" takes a fetch, which a loaded machine can delay
+    // past any fixed sleep. Probes are re-sent, as one written before the
+    // end was resolved is skipped.
+    let probe = format!(
+        "edgegate-bench-probe-{}-{:?}",
+        std::process::id(),
+        std::time::SystemTime::now()
+    );
+    let mut unseen: HashSet<i32> = (0..partitions).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut resend = Instant::now();
+    while !unseen.is_empty() {
+        if stop.load(Relaxed) || Instant::now() > deadline {
+            return Err(BenchError::Failed(
+                "the echo worker never saw its own probe on the uplink topic".into(),
+            ));
+        }
+        if Instant::now() >= resend {
+            for &p in &unseen {
+                let _ = producer.send(Record::<(), str>::to(topic).partition(p).payload(&probe));
+            }
+            resend = Instant::now() + Duration::from_millis(500);
+        }
+        producer.poll(Duration::ZERO);
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) {
+            if m.payload() == Some(probe.as_bytes()) {
+                unseen.remove(&m.partition());
+            }
+        }
+    }
+    let _ = ready.send(());
     while !stop.load(Relaxed) {
         producer.poll(Duration::ZERO);
         let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) else {
