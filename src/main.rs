@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use edgegate::app;
-use edgegate::config::{Config, Flags, FLAGS};
+use edgegate::config::{keys, Config, Flags};
 use edgegate::ops::device_cli as device;
 use edgegate::ops::metrics;
 use edgegate::security::{auth, tls};
@@ -21,26 +21,26 @@ use edgegate::wire::protocol;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const USAGE: &str = "\
+const COMMANDS: &str = "\
 usage: edgegate [run] [OPTIONS]          run the gateway
        edgegate check-config [OPTIONS]   validate the configuration and print the effective settings
        edgegate device [ADDR]            a device session: stdin lines are sent, replies printed
        edgegate token DEVICE_UID --key-file PATH
                                          print the auth token of a device (auth.mode = token)
        edgegate --version | --help
+";
 
-options:
-  --config PATH        TOML configuration file (default: none, built-in defaults)
-  --server-id ID       this gateway's id (default: kept in the data directory)
-  --data-dir DIR       outbox and state (default: ./edgegate-data)
-  --listen ADDR        device listener (default: 0.0.0.0:3000)
-  --brokers LIST       Kafka bootstrap brokers (default: localhost:9092)
-  --admin-listen ADDR  /healthz, /readyz, /metrics (default: 127.0.0.1:8080)
-
+const MORE: &str = "\
 Every setting can also come from the environment (EDGEGATE_<SECTION>_<KEY>);
-precedence: flag > environment > file > default. Logs go to stderr; filter
+precedence: flag > environment > file > default. `edgegate check-config`
+prints every setting and where its value came from. Logs go to stderr; filter
 them with RUST_LOG (e.g. RUST_LOG=debug or RUST_LOG=info,librdkafka=warn).
 ";
+
+/// The options come from the key table, so they cannot drift from it.
+fn usage() -> String {
+    format!("{COMMANDS}\noptions:\n{}\n{MORE}", keys::usage_options())
+}
 
 enum Command {
     Run,
@@ -76,7 +76,7 @@ fn parse_args() -> Result<Option<(Command, Flags)>, lexopt::Error> {
                 });
             }
             Long("help") | Short('h') => {
-                print!("{USAGE}");
+                print!("{}", usage());
                 return Ok(None);
             }
             Long("version") | Short('V') => {
@@ -85,12 +85,11 @@ fn parse_args() -> Result<Option<(Command, Flags)>, lexopt::Error> {
             }
             Long("config") => flags.config = Some(parser.value()?.into()),
             Long(name) => {
-                let flag = format!("--{name}");
-                let Some((_, key)) = FLAGS.iter().find(|(f, _)| *f == flag) else {
+                let Some(key) = keys::by_flag(&format!("--{name}")) else {
                     return Err(arg.unexpected());
                 };
                 let value = parser.value()?.string()?;
-                flags.values.insert(key, value);
+                flags.values.insert(key.name, value);
             }
             _ => return Err(arg.unexpected()),
         }
@@ -164,7 +163,7 @@ fn main() -> ExitCode {
         Ok(Some(parsed)) => parsed,
         Ok(None) => return ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("edgegate: {e}\n\n{USAGE}");
+            eprintln!("edgegate: {e}\n\n{}", usage());
             return ExitCode::from(2);
         }
     };

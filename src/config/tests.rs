@@ -184,3 +184,108 @@ fn describe_hides_secrets() {
     assert!(!text.contains("hunter2"));
     assert!(text.contains("sasl.password"));
 }
+
+#[test]
+fn every_key_is_read_and_reported_with_its_origin() {
+    let file = "[listener]\nmax_frame_bytes = 100\n";
+    let c = load(
+        Some(file),
+        &[("EDGEGATE_KAFKA_BROKERS", "env:1")],
+        &[("admin.address", "127.0.0.1:1")],
+    )
+    .unwrap();
+    let keys: Vec<&str> = c.settings.iter().map(|s| s.key).collect();
+    let table: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
+    assert_eq!(keys, table, "build() reads every key of the table, once");
+    let origin = |key: &str| c.settings.iter().find(|s| s.key == key).unwrap().origin;
+    assert_eq!(origin("listener.max_frame_bytes"), Origin::File);
+    assert_eq!(origin("kafka.brokers"), Origin::Environment);
+    assert_eq!(origin("admin.address"), Origin::CommandLine);
+    assert_eq!(origin("data_dir"), Origin::Default);
+    let text = c.describe();
+    assert!(
+        text.contains("listener.max_frame_bytes = 100  # config file\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kafka.brokers = \"env:1\"  # environment\n"),
+        "{text}"
+    );
+    assert!(text.contains("outbox.max_bytes = 1073741824\n"), "{text}");
+}
+
+#[test]
+fn a_missing_setting_is_not_blamed_on_a_file() {
+    let e = load(None, &[("EDGEGATE_AUTH_MODE", "token")], &[])
+        .unwrap_err()
+        .to_string();
+    assert!(!e.contains("config file)"), "{e}");
+    assert!(e.contains("EDGEGATE_AUTH_TOKEN_KEY_FILE"), "{e}");
+    let e = load(None, &[("EDGEGATE_LISTENER_MAX_CONNECTIONS", "0")], &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("(from the environment)"), "{e}");
+}
+
+/// The packaged file lists every key, commented out, at the table's default.
+#[test]
+fn packaged_config_matches_the_key_table() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/edgegate.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut section = String::new();
+    let mut listed = Vec::new();
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = format!("{name}.");
+            continue;
+        }
+        let Some((name, value)) = line.strip_prefix('#').and_then(|l| l.split_once(" = ")) else {
+            continue;
+        };
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+            continue; // prose, or a librdkafka example
+        }
+        let key = format!("{section}{name}");
+        let known = KEYS.iter().find(|k| k.name == key);
+        let known = known.unwrap_or_else(|| panic!("{path} lists `{key}`, which is no key"));
+        assert_eq!(value, known.default_toml(), "default of `{key}` in {path}");
+        listed.push(known.name);
+    }
+    let table: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
+    assert_eq!(
+        listed, table,
+        "{path} lists every key, in the table's order"
+    );
+    // And as a file, uncommented, it loads to the defaults.
+    let uncommented: String = text
+        .lines()
+        .map(|l| match l.strip_prefix('#') {
+            Some(rest) if rest.contains(" = ") && !rest.starts_with('"') => rest,
+            _ => l,
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let c = load(Some(&uncommented), &[], &[]).unwrap();
+    assert!(c.settings.iter().all(|s| s.origin == Origin::File));
+    let defaults = load(None, &[], &[]).unwrap();
+    let values = |c: &Config| {
+        c.settings
+            .iter()
+            .map(|s| s.value.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(values(&c), values(&defaults));
+}
+
+#[test]
+fn usage_lists_each_flag_with_its_default() {
+    let text = keys::usage_options();
+    for k in KEYS {
+        if let Some(f) = k.flag {
+            assert!(text.contains(&format!("{} {}", f.name, f.value)), "{text}");
+            assert!(text.contains(k.default), "{text}");
+        }
+    }
+    assert_eq!(keys::by_flag("--listen").unwrap().name, "listener.address");
+    assert!(keys::by_flag("--nope").is_none());
+}
