@@ -1,14 +1,17 @@
-//! Wires the gateway together on one smol executor and runs it until SIGTERM
-//! or SIGINT, then shuts down in order: stop accepting, answer what was read,
-//! give Kafka a bounded time to take the backlog, flush, exit.
+//! Wires the gateway together on one smol executor: [`Checked`] reads and
+//! checks what the configuration names (shared with `check-config`),
+//! [`start`] brings every part up, [`Running::shutdown`] stops them in order
+//! (stop accepting, answer what was read, give Kafka a bounded time to take
+//! the backlog, flush). [`run`] does the three around a wait for SIGTERM.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_net::TcpListener;
 use smol::channel;
-use smol::{Executor, Timer};
+use smol::{Executor, Task, Timer};
 
 use futures_rustls::TlsAcceptor;
 
@@ -48,9 +51,81 @@ pub enum AppError {
     Tls(#[from] crate::security::tls::TlsError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("cannot start the executor threads: {0}")]
+    Threads(std::io::Error),
 }
 
+/// The gateway, from a loaded configuration until it has stopped.
 pub fn run(config: Config) -> Result<(), AppError> {
+    let checked = Checked::new(config)?;
+    // Before anything starts, so a stop during start-up is not lost.
+    let stop_signal = signals::listen().map_err(AppError::Signals)?;
+    let running = start(checked)?;
+    running.wait(&stop_signal);
+    running.shutdown();
+    Ok(())
+}
+
+/// A configuration whose files (token key, certificates, CA, revocation
+/// list) were read and accepted: `check-config` stops here, `run` goes on to
+/// [`start`]. A bad file stops the service with a message naming it, before
+/// anything else starts.
+pub struct Checked {
+    config: Config,
+    gate: Gate,
+    tls: Option<TlsAcceptor>,
+    metrics: Arc<Metrics>,
+}
+
+impl Checked {
+    pub fn new(config: Config) -> Result<Checked, AppError> {
+        let metrics = Arc::new(Metrics::default());
+        let gate = Gate::new(&config.auth, metrics.clone())?;
+        let tls = match config.tls.address {
+            Some(_) => Some(tls::acceptor(&config.tls, config.auth.mode)?),
+            None => None,
+        };
+        Ok(Checked {
+            config,
+            gate,
+            tls,
+            metrics,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+}
+
+/// A started gateway: its executor threads and every task, held for an
+/// orderly [`Running::shutdown`].
+pub struct Running {
+    ex: Arc<Executor<'static>>,
+    /// Dropping it ends the executor threads' run futures.
+    stop_workers: channel::Sender<()>,
+    drain_timeout: std::time::Duration,
+    store: Arc<Store>,
+    shared: Arc<Shared>,
+    router: Arc<Router>,
+    stop_accepting: channel::Sender<()>,
+    accepting: Vec<Task<()>>,
+    producer: Task<()>,
+    producer_stop: Arc<AtomicBool>,
+    consumer: DownlinkConsumer,
+    writer: Task<()>,
+}
+
+/// Opens the data directory and the outbox, starts the executor threads,
+/// the outbox writer, the Kafka producer and consumer, the admin endpoint
+/// and the device listeners, then tells systemd it is ready.
+pub fn start(checked: Checked) -> Result<Running, AppError> {
+    let Checked {
+        config,
+        gate,
+        tls,
+        metrics,
+    } = checked;
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| AppError::DataDir {
         path: data_dir.clone(),
@@ -65,74 +140,29 @@ pub fn run(config: Config) -> Result<(), AppError> {
         "edgegate {} starting: serverId {server_id}, consumer group {group}",
         env!("CARGO_PKG_VERSION")
     );
-
-    let metrics = Arc::new(Metrics::default());
-    // Key, certificates and CA are checked before anything else starts, so
-    // a bad one stops the service with a message naming the file.
-    let gate = Gate::new(&config.auth, metrics.clone())?;
-    let tls = match config.tls.address {
-        Some(_) => Some(tls::acceptor(&config.tls, config.auth.mode)?),
-        None => None,
-    };
     let (store, doorbell) = Store::open(
         &data_dir.join("outbox"),
         config.outbox.max_bytes,
         metrics.clone(),
     )?;
-    let stop_signal = signals::listen().map_err(AppError::Signals)?;
 
     let ex: Arc<Executor<'static>> = Arc::new(Executor::new());
     let (stop_workers, workers_stopped) = channel::bounded::<()>(1);
     let threads = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .max(2);
-    let workers: Vec<_> = (0..threads - 1)
-        .map(|i| {
-            let ex = ex.clone();
-            let stopped = workers_stopped.clone();
-            std::thread::Builder::new()
-                .name(format!("edgegate-{i}"))
-                .spawn(move || smol::block_on(ex.run(async { stopped.recv().await.ok() })))
-                .expect("spawning an executor thread")
-        })
-        .collect();
+    // The main thread runs the executor too, while starting and stopping.
+    // The threads are not joined: a task stuck in a blocking call cannot
+    // hold the exit.
+    for i in 0..threads - 1 {
+        let ex = ex.clone();
+        let stopped = workers_stopped.clone();
+        std::thread::Builder::new()
+            .name(format!("edgegate-{i}"))
+            .spawn(move || smol::block_on(ex.run(async { stopped.recv().await.ok() })))
+            .map_err(AppError::Threads)?;
+    }
 
-    let result = smol::block_on(ex.run(serve(
-        config,
-        Security { gate, tls },
-        server_id,
-        group,
-        metrics,
-        store,
-        doorbell,
-        stop_signal,
-        ex.clone(),
-    )));
-    // The executor threads end with their run futures; they are not joined,
-    // so a task stuck in a blocking call cannot hold the exit.
-    drop(stop_workers);
-    drop(workers);
-    result
-}
-
-/// Authentication and the TLS acceptor, ready before the listeners start.
-struct Security {
-    gate: Gate,
-    tls: Option<TlsAcceptor>,
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn serve(
-    config: Config,
-    security: Security,
-    server_id: String,
-    group: String,
-    metrics: Arc<Metrics>,
-    store: Arc<Store>,
-    doorbell: channel::Receiver<()>,
-    stop_signal: channel::Receiver<()>,
-    ex: Arc<Executor<'static>>,
-) -> Result<(), AppError> {
     let (appender, writer) = outbox::start_writer(store.clone(), config.outbox.flush_interval);
     let writer = ex.spawn(writer);
 
@@ -145,12 +175,12 @@ async fn serve(
         config.listener.max_pending_downlink,
         metrics.clone(),
     );
-    if security.gate.mode != AuthMode::None {
+    if gate.mode != AuthMode::None {
         router = router.identity_from_auth();
     }
     let router = Arc::new(router);
     let closer = router.clone();
-    security.gate.revoked.watch(move |device| {
+    gate.revoked.watch(move |device| {
         closer.close_device(device);
     });
     let consumer = DownlinkConsumer::start(&config.kafka, &group, router.clone(), metrics.clone())?;
@@ -159,26 +189,17 @@ async fn serve(
         metrics: metrics.clone(),
         ready: AtomicBool::new(false),
     });
-    let admin_listener = admin::bind(config.admin.address).await?;
+    let bound = smol::block_on(ex.run(bind_listeners(&config)));
+    let (admin_listener, plain, tls_listener) = bound?;
     ex.spawn(admin::serve(admin_listener, admin.clone(), ex.clone()))
         .detach();
-
-    // mtls: every device must show a certificate, so no plain listener.
-    let plain = match config.auth.mode {
-        AuthMode::Mtls => None,
-        _ => Some(listener::bind(config.listener.address).await?),
-    };
-    let tls_listener = match (config.tls.address, security.tls) {
-        (Some(address), Some(acceptor)) => Some((listener::bind(address).await?, acceptor)),
-        _ => None,
-    };
     let shared = Arc::new(Shared {
         server_id,
         limits: config.listener.clone(),
-        metrics: metrics.clone(),
+        metrics,
         router: router.clone(),
         appender,
-        gate: security.gate,
+        gate,
         shutting_down: AtomicBool::new(false),
         open: AtomicUsize::new(0),
     });
@@ -188,7 +209,7 @@ async fn serve(
         let task = listener::run(l, None, shared.clone(), ex.clone(), accept_stopped.clone());
         accepting.push(ex.spawn(task));
     }
-    if let Some((l, acceptor)) = tls_listener {
+    if let (Some(l), Some(acceptor)) = (tls_listener, tls) {
         let task = listener::run(
             l,
             Some(acceptor),
@@ -214,54 +235,114 @@ async fn serve(
         config.admin.address,
         config.kafka.brokers
     );
+    Ok(Running {
+        ex,
+        stop_workers,
+        drain_timeout: config.kafka.drain_timeout,
+        store,
+        shared,
+        router,
+        stop_accepting,
+        accepting,
+        producer,
+        producer_stop,
+        consumer,
+        writer,
+    })
+}
 
-    let _ = stop_signal.recv().await;
-    systemd::notify("STOPPING=1");
-    log::info!("shutting down: no new connections; frames from now on get shutting_down");
-    shared.shutting_down.store(true, SeqCst);
-    drop(stop_accepting);
-    for task in accepting {
-        task.await;
+/// The admin listener, the plain device listener (none in mtls mode: every
+/// device must show a certificate) and the TLS one if configured.
+async fn bind_listeners(
+    config: &Config,
+) -> Result<(TcpListener, Option<TcpListener>, Option<TcpListener>), AppError> {
+    let admin = admin::bind(config.admin.address).await?;
+    let plain = match config.auth.mode {
+        AuthMode::Mtls => None,
+        _ => Some(listener::bind(config.listener.address).await?),
+    };
+    let tls = match config.tls.address {
+        Some(address) => Some(listener::bind(address).await?),
+        None => None,
+    };
+    Ok((admin, plain, tls))
+}
+
+impl Running {
+    /// Serves until `stop` fires (SIGTERM, SIGINT) or closes.
+    pub fn wait(&self, stop: &channel::Receiver<()>) {
+        let _ = smol::block_on(self.ex.run(stop.recv()));
     }
 
-    let deadline = Instant::now() + config.kafka.drain_timeout;
-    // Let appends already read reach the disk and their replies go out.
-    Timer::after(Duration::from_millis(50)).await;
-    while !store.is_empty() && Instant::now() < deadline {
-        Timer::after(Duration::from_millis(20)).await;
+    /// Stops in order: stop accepting, answer what was read, give Kafka
+    /// `kafka.drain_timeout_secs` to take the backlog, flush, return.
+    pub fn shutdown(self) {
+        let ex = self.ex.clone();
+        let stop_workers = self.stop_workers.clone();
+        smol::block_on(ex.run(self.stop_in_order()));
+        drop(stop_workers);
     }
-    if store.is_empty() {
-        log::info!("outbox drained to Kafka");
-    } else {
-        log::warn!("outbox not drained within kafka.drain_timeout_secs; the rest is sent after the next start");
+
+    async fn stop_in_order(self) {
+        let Running {
+            store,
+            shared,
+            router,
+            stop_accepting,
+            accepting,
+            producer,
+            producer_stop,
+            consumer,
+            writer,
+            drain_timeout,
+            ..
+        } = self;
+        systemd::notify("STOPPING=1");
+        log::info!("shutting down: no new connections; frames from now on get shutting_down");
+        shared.shutting_down.store(true, SeqCst);
+        drop(stop_accepting);
+        for task in accepting {
+            task.await;
+        }
+
+        let deadline = Instant::now() + drain_timeout;
+        // Let appends already read reach the disk and their replies go out.
+        Timer::after(Duration::from_millis(50)).await;
+        while !store.is_empty() && Instant::now() < deadline {
+            Timer::after(Duration::from_millis(20)).await;
+        }
+        if store.is_empty() {
+            log::info!("outbox drained to Kafka");
+        } else {
+            log::warn!("outbox not drained within kafka.drain_timeout_secs; the rest is sent after the next start");
+        }
+        router.close_all();
+        producer_stop.store(true, SeqCst);
+        store.wake();
+        // Every remaining step is bounded: a stuck broker or disk must not
+        // turn a stop into a hang (systemd would SIGKILL us anyway; nothing
+        // acked is lost either way, it was on disk or in Kafka before its ack).
+        if within(STEP_LIMIT, producer).await.is_none() {
+            log::warn!("the Kafka producer did not stop in time");
+        }
+        if within(STEP_LIMIT, smol::unblock(move || consumer.stop()))
+            .await
+            .is_none()
+        {
+            log::warn!("the Kafka consumer did not stop in time");
+        }
+        drop(shared);
+        // Connections still finishing hold the appender; the writer stops
+        // once they are gone.
+        let _ = within(STEP_LIMIT, writer).await;
+        let final_flush = store.clone();
+        match within(STEP_LIMIT, smol::unblock(move || final_flush.flush())).await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => log::error!("final outbox flush failed: {e}"),
+            None => log::error!("final outbox flush did not finish in time"),
+        }
+        log::info!("stopped");
     }
-    router.close_all();
-    producer_stop.store(true, SeqCst);
-    store.wake();
-    // Every remaining step is bounded: a stuck broker or disk must not turn
-    // a stop into a hang (systemd would SIGKILL us anyway; nothing acked is
-    // lost either way, the outbox was flushed before each ack).
-    if within(STEP_LIMIT, producer).await.is_none() {
-        log::warn!("the Kafka producer did not stop in time");
-    }
-    if within(STEP_LIMIT, smol::unblock(move || consumer.stop()))
-        .await
-        .is_none()
-    {
-        log::warn!("the Kafka consumer did not stop in time");
-    }
-    drop(shared);
-    // Connections still finishing hold the appender; the writer stops once
-    // they are gone.
-    let _ = within(STEP_LIMIT, writer).await;
-    let final_flush = store.clone();
-    match within(STEP_LIMIT, smol::unblock(move || final_flush.flush())).await {
-        Some(Ok(())) => {}
-        Some(Err(e)) => log::error!("final outbox flush failed: {e}"),
-        None => log::error!("final outbox flush did not finish in time"),
-    }
-    log::info!("stopped");
-    Ok(())
 }
 
 /// How long each step of the shutdown may take once the drain is over.

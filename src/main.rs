@@ -12,8 +12,7 @@ use std::process::ExitCode;
 use edgegate::app;
 use edgegate::config::{keys, Config, Flags};
 use edgegate::ops::device_cli as device;
-use edgegate::ops::metrics;
-use edgegate::security::{auth, tls};
+use edgegate::security::auth;
 use edgegate::wire::protocol;
 
 /// Static (musl) builds: see the `static` feature in Cargo.toml.
@@ -195,22 +194,17 @@ fn main() -> ExitCode {
         }
     };
     match command {
-        Command::CheckConfig => {
-            // The files the settings name are checked too, as at start.
-            let metrics = std::sync::Arc::new(metrics::Metrics::default());
-            if let Err(e) = auth::Gate::new(&config.auth, metrics) {
+        Command::CheckConfig => match app::Checked::new(config) {
+            // The files the settings name are read and checked too, as at start.
+            Ok(checked) => {
+                print!("{}", checked.config().describe());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
                 log::error!("configuration refused: {e}");
-                return ExitCode::from(78);
+                ExitCode::from(78)
             }
-            if config.tls.address.is_some() {
-                if let Err(e) = tls::acceptor(&config.tls, config.auth.mode) {
-                    log::error!("configuration refused: {e}");
-                    return ExitCode::from(78);
-                }
-            }
-            print!("{}", config.describe());
-            ExitCode::SUCCESS
-        }
+        },
         Command::Device(_) | Command::Token { .. } => {
             unreachable!("handled before loading the configuration")
         }
