@@ -19,15 +19,26 @@
 //! - `outbox/`: the durable queue; knows no sockets and no Kafka.
 //! - `device/`, `kafka/`, `routing/`, `security/`, `ops/`: one side each.
 //! - `app`: the only place that wires the sides together.
+//!
+//! Without the default `gateway` feature the library is `wire` alone, with
+//! no librdkafka, sled or TLS to build: the fuzz targets use it that way.
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "gateway")]
 pub mod app;
+#[cfg(feature = "gateway")]
 pub mod config;
+#[cfg(feature = "gateway")]
 pub mod device;
+#[cfg(feature = "gateway")]
 pub mod kafka;
+#[cfg(feature = "gateway")]
 pub mod ops;
+#[cfg(feature = "gateway")]
 pub mod outbox;
+#[cfg(feature = "gateway")]
 pub mod routing;
+#[cfg(feature = "gateway")]
 pub mod security;
 pub mod wire;

@@ -6,15 +6,8 @@
 
 use libfuzzer_sys::fuzz_target;
 
-#[allow(dead_code, unused_imports)]
-#[path = "../../src/wire/frame.rs"]
-mod frame;
-#[allow(dead_code, unused_imports)]
-#[path = "../../src/wire/protocol/mod.rs"]
-mod protocol;
-
-use frame::{Frame, LineDecoder};
-use protocol::{Inbound, Origin, Timestamp};
+use edgegate::wire::frame::{Frame, LineDecoder};
+use edgegate::wire::protocol::{self, Inbound, Origin, Timestamp};
 
 fn frames(max: usize, stream: &[u8], step: usize) -> Vec<Option<Vec<u8>>> {
     let mut out = Vec::new();

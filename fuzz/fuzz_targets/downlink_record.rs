@@ -5,9 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
-#[allow(dead_code, unused_imports)]
-#[path = "../../src/wire/protocol/mod.rs"]
-mod protocol;
+use edgegate::wire::protocol;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(r) = protocol::parse_server_response(data) {
