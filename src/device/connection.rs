@@ -8,7 +8,7 @@
 use std::cell::RefCell;
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream};
-use std::ops::{ControlFlow, Range};
+use std::ops::ControlFlow;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 
@@ -19,13 +19,14 @@ use uuid::Uuid;
 use crate::config::AuthMode;
 use crate::device::dispatch::{self, AuthState, Decision, Session};
 use crate::device::transport::{Ready, Transport};
-use crate::device::{handshake, Shared, REVOKED};
+use crate::device::turn::{self, error, refuse, Closed, Reply, Work};
+use crate::device::{handshake, Shared};
 use crate::ops::metrics::AuthFailure;
-use crate::outbox::{AppendBatch, AppendError};
+
 use crate::routing::{Downlink, Mailbox};
 use crate::wire::frame::{Frame, LineDecoder};
 use crate::wire::ids;
-use crate::wire::protocol::{self, ErrorCode, Origin, Request, Timestamp};
+use crate::wire::protocol::{self, ErrorCode, Origin, Timestamp};
 
 /// Bytes read per syscall, into the per-thread buffer.
 const READ_CHUNK: usize = 64 << 10;
@@ -34,8 +35,6 @@ const READ_CHUNK: usize = 64 << 10;
 const FRAMES_PER_YIELD: usize = 256;
 /// Downlink bytes gathered into one write.
 const DOWNLINK_WRITE_BYTES: usize = 64 << 10;
-/// An ack without its uid: `{"action":"ack","uid":,"messageId":"<36>","status":"accepted"}\n`.
-const ACK_BYTES: usize = 96;
 
 thread_local! {
     static READ_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; READ_CHUNK]);
@@ -139,17 +138,6 @@ async fn open(
     end
 }
 
-#[derive(Debug)]
-enum Closed {
-    ByPeer,
-    Idle,
-    ShuttingDown,
-    AuthTimeout,
-    Unauthorized,
-    /// Its incomplete frame would go past `listener.max_partial_bytes`.
-    PartialBudget,
-}
-
 struct Connection {
     transport: Transport,
     shared: Arc<Shared>,
@@ -157,7 +145,11 @@ struct Connection {
     peer: SocketAddr,
     mailbox: Arc<Mailbox>,
     decoder: LineDecoder,
-    /// The deviceUid this connection is bound to (PROTOCOL 1.4, 5).
+    /// The deviceUid this connection is bound to (PROTOCOL 1.4, 5): a copy
+    /// of the router's binding, which owns it. It changes only by what the
+    /// router says: its answer to `register_bound`, or a binding event that
+    /// arrives in the mailbox with the `connect.response` that made it, in
+    /// order with the messages before and after.
     bound: Option<Arc<str>>,
     auth: AuthState,
     /// Idle timeout, or the authentication deadline while `Pending`.
@@ -178,35 +170,6 @@ enum Wake {
     Input(io::Result<Ready>),
     Downlink(Downlink),
     Timer,
-}
-
-/// The frames of one read, before their append is on disk.
-#[derive(Default)]
-struct Work {
-    /// Accepted requests, each to be answered with an ack of about
-    /// [`ACK_BYTES`].
-    accepted: usize,
-    /// Reply text and the uids of accepted requests, referenced by range.
-    text: Vec<u8>,
-    replies: Vec<Reply>,
-    batch: AppendBatch,
-    frames: usize,
-    /// Set when the connection closes after these replies.
-    close: Option<Closed>,
-}
-
-impl Work {
-    /// What the replies will take once written.
-    fn reply_bytes(&self) -> usize {
-        self.text.len() + self.accepted * ACK_BYTES
-    }
-}
-
-enum Reply {
-    Ready(Range<usize>),
-    /// Accepted: an ack if the append succeeds, else an error. Holds the
-    /// range of the uid's raw JSON.
-    Pending(Range<usize>, Uuid),
 }
 
 enum Step {
@@ -364,7 +327,7 @@ impl Connection {
                 max_frame_bytes: shared.limits.max_frame_bytes,
             };
             let start = work.text.len();
-            match dispatch::decide(frame, &session, |req| authenticate(shared, req)) {
+            match dispatch::decide(frame, &session, |req| shared.gate.authenticate(req)) {
                 Decision::Pong => {
                     work.text.extend_from_slice(b"Pong\n");
                     work.replies.push(Reply::Ready(start..work.text.len()));
@@ -504,7 +467,10 @@ impl Connection {
         }
         let accepted = work.batch.len();
         let outcome = if !work.batch.is_empty() {
-            self.shared.appender.append(work.batch).await
+            self.shared
+                .appender
+                .append(std::mem::take(&mut work.batch))
+                .await
         } else {
             Ok(())
         };
@@ -514,30 +480,13 @@ impl Connection {
                 metrics.acks.fetch_add(accepted as u64, Relaxed);
             }
             Err(e) => {
-                let code = refusal_code(e);
+                let code = turn::refusal_code(e);
                 for _ in 0..accepted {
                     metrics.error(code);
                 }
             }
         }
-        let mut out = Vec::with_capacity(work.text.len() + accepted * 80);
-        for reply in &work.replies {
-            match reply {
-                Reply::Ready(range) => out.extend_from_slice(&work.text[range.clone()]),
-                Reply::Pending(uid, id) => {
-                    let uid = std::str::from_utf8(&work.text[uid.clone()]).unwrap_or("\"\"");
-                    match &outcome {
-                        Ok(()) => protocol::write_ack(&mut out, uid, id),
-                        Err(e) => protocol::write_error(
-                            &mut out,
-                            Some(uid),
-                            refusal_code(e),
-                            &refusal_message(e),
-                        ),
-                    }
-                }
-            }
-        }
+        let out = work.replies_text(&outcome);
         // Only the bytes being written stay alive while the device reads.
         let close = work.close.take();
         drop((work.text, work.replies));
@@ -576,70 +525,6 @@ impl Connection {
             ))
         })
         .await
-    }
-}
-
-fn error(work: &mut Work, shared: &Shared, uid: Option<&str>, code: ErrorCode, message: &str) {
-    let start = work.text.len();
-    shared.metrics.error(code);
-    protocol::write_error(&mut work.text, uid, code, message);
-    work.replies.push(Reply::Ready(start..work.text.len()));
-}
-
-/// Token mode: checks an auth frame; the deviceUid it proves, or why not.
-fn authenticate(shared: &Shared, req: &Request<'_>) -> dispatch::AuthResult {
-    let claim = protocol::auth_claim(req).map_err(|why| (AuthFailure::BadToken, why))?;
-    let Some(key) = &shared.gate.key else {
-        return Err((
-            AuthFailure::BadToken,
-            "token authentication is not configured",
-        ));
-    };
-    if !key.verify(&claim.device_uid, &claim.token) {
-        return Err((
-            AuthFailure::BadToken,
-            "the token is not valid for this deviceUid",
-        ));
-    }
-    if shared.gate.revoked.is_revoked(&claim.device_uid) {
-        return Err((AuthFailure::Revoked, REVOKED));
-    }
-    Ok(claim.device_uid.into_owned())
-}
-
-/// A failed authentication: `unauthorized`, then the connection closes;
-/// counted, and towards damping of the source address.
-fn refuse(
-    work: &mut Work,
-    shared: &Shared,
-    peer: SocketAddr,
-    uid: Option<&str>,
-    why: AuthFailure,
-    message: &str,
-) {
-    shared.metrics.auth_failure(why);
-    shared.gate.damper.failure(peer.ip());
-    error(work, shared, uid, ErrorCode::Unauthorized, message);
-    work.close = Some(Closed::Unauthorized);
-}
-
-fn refusal_code(e: &AppendError) -> ErrorCode {
-    match e {
-        AppendError::Full => ErrorCode::OutboxFull,
-        AppendError::Closed => ErrorCode::ShuttingDown,
-        AppendError::Store(_) => ErrorCode::Internal,
-    }
-}
-
-fn refusal_message(e: &AppendError) -> String {
-    match e {
-        AppendError::Full => {
-            "the outbox is full; keep the request and send it again later".to_owned()
-        }
-        AppendError::Closed => {
-            "the gateway is shutting down; send this request again after reconnecting".to_owned()
-        }
-        AppendError::Store(_) => "the request could not be stored; send it again".to_owned(),
     }
 }
 

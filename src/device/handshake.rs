@@ -12,8 +12,9 @@ use smol::{Async, Timer};
 
 use crate::config::AuthMode;
 use crate::device::transport::{SharedSocket, Transport};
-use crate::device::{Shared, REVOKED};
+use crate::device::Shared;
 use crate::ops::metrics::{AuthFailure, HandshakeError};
+use crate::security::auth::REVOKED;
 use crate::security::tls;
 use crate::wire::protocol::{self, ErrorCode};
 

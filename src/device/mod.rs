@@ -7,6 +7,7 @@ pub mod dispatch;
 pub mod handshake;
 pub mod listener;
 pub mod transport;
+mod turn;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
@@ -16,9 +17,6 @@ use crate::ops::metrics::Metrics;
 use crate::outbox::Appender;
 use crate::routing::Router;
 use crate::security::auth::Gate;
-
-/// The refusal of a revoked device, by token or by certificate.
-pub const REVOKED: &str = "this device is revoked";
 
 /// What every connection task shares.
 pub struct Shared {

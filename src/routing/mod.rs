@@ -24,7 +24,10 @@ use crate::wire::protocol::{parse_server_response, ServerResponse};
 pub struct Downlink {
     /// One JSON line for the device, with its `\n`.
     pub line: Vec<u8>,
-    /// Set when this message binds the connection to a deviceUid.
+    /// A binding event: set when the router bound the connection to this
+    /// deviceUid on this message. The router's tables are the binding; the
+    /// connection keeps a copy for the envelopes it writes, changed only by
+    /// these events.
     pub bind: Option<Arc<str>>,
 }
 

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant, SystemTime};
 use ring::hmac;
 
 use crate::config::{AuthConfig, AuthMode};
-use crate::ops::metrics::Metrics;
+use crate::ops::metrics::{AuthFailure, Metrics};
+use crate::wire::protocol::{self, Request};
 
 /// Everything a connection needs to authenticate.
 pub struct Gate {
@@ -50,7 +51,31 @@ impl Gate {
             max_pending_bytes: cfg.max_pending_bytes,
         })
     }
+
+    /// Token mode: checks an auth frame; the deviceUid it proves, or why not.
+    pub fn authenticate(&self, req: &Request<'_>) -> Result<String, (AuthFailure, &'static str)> {
+        let claim = protocol::auth_claim(req).map_err(|why| (AuthFailure::BadToken, why))?;
+        let Some(key) = &self.key else {
+            return Err((
+                AuthFailure::BadToken,
+                "token authentication is not configured",
+            ));
+        };
+        if !key.verify(&claim.device_uid, &claim.token) {
+            return Err((
+                AuthFailure::BadToken,
+                "the token is not valid for this deviceUid",
+            ));
+        }
+        if self.revoked.is_revoked(&claim.device_uid) {
+            return Err((AuthFailure::Revoked, REVOKED));
+        }
+        Ok(claim.device_uid.into_owned())
+    }
 }
+
+/// The refusal of a revoked device, by token or by certificate.
+pub const REVOKED: &str = "this device is revoked";
 
 /// Shorter keys make HMAC-SHA256 guessable sooner than its output length
 /// suggests; 32 bytes is what `head -c 32 /dev/urandom` gives.

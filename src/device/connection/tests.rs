@@ -53,21 +53,3 @@ fn an_idle_connection_task_stays_small() {
     eprintln!("connection task: {size} bytes");
     assert!(size <= 1024, "a connection task takes {size} bytes");
 }
-
-#[test]
-fn outbox_refusals_map_to_the_contract_codes() {
-    assert_eq!(refusal_code(&AppendError::Full), ErrorCode::OutboxFull);
-    assert_eq!(
-        refusal_code(&AppendError::Store("io".into())),
-        ErrorCode::Internal
-    );
-    assert_eq!(refusal_code(&AppendError::Closed), ErrorCode::ShuttingDown);
-    // The device is told to keep and resend its request in each case.
-    for e in [
-        AppendError::Full,
-        AppendError::Store("x".into()),
-        AppendError::Closed,
-    ] {
-        assert!(refusal_message(&e).contains("again"), "{e}");
-    }
-}
