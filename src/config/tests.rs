@@ -289,3 +289,44 @@ fn usage_lists_each_flag_with_its_default() {
     assert_eq!(keys::by_flag("--listen").unwrap().name, "listener.address");
     assert!(keys::by_flag("--nope").is_none());
 }
+
+/// The README's table of keys says what the key table says: every key, its
+/// environment variable, its flag and (where it has a literal one) its
+/// default.
+#[test]
+fn readme_table_matches_the_key_table() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut listed = Vec::new();
+    for line in text.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let name = cells[1].trim_matches('`');
+        let Some(key) = KEYS.iter().find(|k| k.name == name) else {
+            continue;
+        };
+        let env = cells[2].split(' ').next().unwrap_or_default();
+        assert_eq!(env, format!("`{}`", key.env()), "{name} in {path}");
+        let flag = key
+            .flag
+            .map(|f| format!("`{}`", f.name))
+            .unwrap_or_default();
+        assert_eq!(cells[3], flag, "flag of {name} in {path}");
+        if let Some(shown) = cells[4].strip_prefix('`').and_then(|c| c.strip_suffix('`')) {
+            if !key.default.is_empty() {
+                let expected = match key.kind {
+                    keys::Kind::Topics => key.default_toml(),
+                    _ => key.default.to_owned(),
+                };
+                assert_eq!(shown, expected, "default of {name} in {path}");
+            }
+        } else {
+            assert!(key.default.is_empty(), "{name}: {path} gives no default");
+        }
+        listed.push(key.name);
+    }
+    let table: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
+    assert_eq!(
+        listed, table,
+        "{path} lists every key, in the table's order"
+    );
+}
