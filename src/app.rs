@@ -23,10 +23,11 @@ use crate::ops::admin::{self, Admin};
 use crate::ops::metrics::Metrics;
 use crate::ops::signals;
 use crate::ops::systemd;
-use crate::outbox::{self, Store};
+use crate::outbox::{self, Quarantine, Store};
 use crate::routing::Router;
 use crate::security::auth::Gate;
 use crate::security::tls;
+use crate::wire::protocol::RECORD_OVERHEAD_BYTES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -53,6 +54,13 @@ pub enum AppError {
     Signals(std::io::Error),
     #[error("cannot start the executor threads: {0}")]
     Threads(std::io::Error),
+    #[error("listener.max_frame_bytes ({frame}) plus what a Kafka record adds (up to {overhead} bytes) does not fit kafka.properties \"message.max.bytes\" ({limit}{default}): Kafka would refuse the largest requests after they were acked; lower the one or raise the other")]
+    FrameTooLargeForKafka {
+        frame: usize,
+        overhead: usize,
+        limit: String,
+        default: &'static str,
+    },
 }
 
 /// The gateway, from a loaded configuration until it has stopped.
@@ -79,6 +87,7 @@ pub struct Checked {
 
 impl Checked {
     pub fn new(config: Config) -> Result<Checked, AppError> {
+        check_frame_fits_kafka(&config)?;
         let metrics = Arc::new(Metrics::default());
         let gate = Gate::new(&config.auth, metrics.clone())?;
         let tls = match config.tls.address {
@@ -96,6 +105,35 @@ impl Checked {
     pub fn config(&self) -> &Config {
         &self.config
     }
+}
+
+/// librdkafka's own limit on one message (its `message.max.bytes`).
+const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+/// A frame of `max_frame_bytes` must fit one Kafka message once enveloped.
+/// (A topic's own, lower `max.message.bytes` is found only when Kafka
+/// refuses: those requests go to the quarantine.)
+fn check_frame_fits_kafka(config: &Config) -> Result<(), AppError> {
+    let frame = config.listener.max_frame_bytes;
+    let set = config.kafka.properties.get("message.max.bytes");
+    let limit = match set {
+        // librdkafka refuses a value that is not a number, naming it.
+        Some(v) => v.trim().parse::<usize>().unwrap_or(usize::MAX),
+        None => LIBRDKAFKA_MESSAGE_MAX_BYTES,
+    };
+    if frame + RECORD_OVERHEAD_BYTES > limit {
+        return Err(AppError::FrameTooLargeForKafka {
+            frame,
+            overhead: RECORD_OVERHEAD_BYTES,
+            limit: limit.to_string(),
+            default: if set.is_none() {
+                ", librdkafka's default"
+            } else {
+                ""
+            },
+        });
+    }
+    Ok(())
 }
 
 /// A started gateway: its executor threads and every task, held for an
@@ -167,7 +205,11 @@ pub fn start(checked: Checked) -> Result<Running, AppError> {
     let writer = ex.spawn(writer);
 
     let producer_stop = Arc::new(AtomicBool::new(false));
-    let pipeline = Pipeline::new(store.clone(), &config.kafka, metrics.clone())?;
+    let quarantine = Arc::new(Quarantine::new(
+        &data_dir.join("quarantine"),
+        config.outbox.quarantine_max_bytes,
+    ));
+    let pipeline = Pipeline::new(store.clone(), &config.kafka, metrics.clone(), quarantine)?;
     let producer = ex.spawn(pipeline.run(doorbell, producer_stop.clone()));
 
     let mut router = Router::new(

@@ -210,6 +210,15 @@ pub const KEYS: &[Key] = &[
         flag: None,
         help: "group commit: how long a flush waits to gather more requests",
     },
+    // Enough for thousands of refused requests; bounded so that a device
+    // sending nothing but refused requests cannot fill the disk.
+    Key {
+        name: "outbox.quarantine_max_bytes",
+        kind: number(0, u64::MAX),
+        default: "67108864",
+        flag: None,
+        help: "requests Kafka refuses for good are kept in data_dir/quarantine/ up to this size; past it they are dropped and counted",
+    },
     Key {
         name: "admin.address",
         kind: Kind::Address,

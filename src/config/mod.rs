@@ -116,6 +116,7 @@ pub struct KafkaConfig {
 pub struct OutboxConfig {
     pub max_bytes: u64,
     pub flush_interval: Duration,
+    pub quarantine_max_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -244,6 +245,7 @@ fn build(layers: &Layers<'_>) -> Result<Config, ConfigError> {
     let outbox = OutboxConfig {
         max_bytes: layers.number("outbox.max_bytes")?,
         flush_interval: Duration::from_millis(layers.number("outbox.flush_interval_ms")?),
+        quarantine_max_bytes: layers.number("outbox.quarantine_max_bytes")?,
     };
     let admin = AdminConfig {
         address: layers.address("admin.address")?,

@@ -9,6 +9,13 @@
 //! the infinite timeout), everything from the first failed batch on is sent
 //! again after a back-off, by a fresh producer if librdkafka declared the old
 //! one unusable. Duplicates carry the same messageId.
+//!
+//! A refusal that no retry can change (a request too large for the client or
+//! the topic, an invalid record) would otherwise stop every request behind
+//! it for good. Kafka refuses a whole produce request for one bad record, so
+//! after such a refusal the batch that had it is sent again one request at a
+//! time, each waiting for its report: a request refused on its own goes to
+//! the quarantine (`outbox::quarantine`) and the others are sent.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -30,7 +37,8 @@ use uuid::Uuid;
 use crate::config::KafkaConfig;
 use crate::kafka::ErrorLog;
 use crate::ops::metrics::Metrics;
-use crate::outbox::{Reader, Store};
+use crate::outbox::quarantine::{Outcome, Refused};
+use crate::outbox::{Quarantine, Reader, Store, StoredBatch};
 
 /// Requests handed to librdkafka and not yet confirmed, at most. Bounds
 /// memory during a long outage (the rest waits on disk) while keeping enough
@@ -121,6 +129,22 @@ struct InFlight {
     local: usize,
     remaining: u32,
     failed: bool,
+    /// Some report said the refusal is permanent: the batch is sent again
+    /// one request at a time.
+    refused: bool,
+}
+
+/// Refusals that sending again cannot change.
+fn is_permanent(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::MessageBatchTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidRecord
+        )
+    )
 }
 
 pub struct Pipeline {
@@ -135,6 +159,9 @@ pub struct Pipeline {
     in_flight_msgs: usize,
     next_local: usize,
     last_read_error: Option<Instant>,
+    quarantine: Arc<Quarantine>,
+    /// The batch to send one request at a time when it is read again.
+    careful: Option<u64>,
 }
 
 impl Pipeline {
@@ -142,6 +169,7 @@ impl Pipeline {
         store: Arc<Store>,
         cfg: &KafkaConfig,
         metrics: Arc<Metrics>,
+        quarantine: Arc<Quarantine>,
     ) -> Result<Self, ProducerError> {
         let (reports_tx, reports) = channel::unbounded();
         let config = client_config(cfg);
@@ -158,6 +186,8 @@ impl Pipeline {
             in_flight_msgs: 0,
             next_local: 0,
             last_read_error: None,
+            quarantine,
+            careful: None,
         })
     }
 
@@ -171,7 +201,7 @@ impl Pipeline {
             if stop.load(Relaxed) {
                 break;
             }
-            self.fill().await;
+            self.fill(&stop).await;
             let wake = smol::future::or(
                 smol::future::or(
                     async {
@@ -230,7 +260,7 @@ impl Pipeline {
     }
 
     /// Hands stored batches to librdkafka, up to the in-flight limit.
-    async fn fill(&mut self) {
+    async fn fill(&mut self, stop: &AtomicBool) {
         if self.in_flight.iter().any(|b| b.failed) {
             return; // wait for the rewind
         }
@@ -253,12 +283,31 @@ impl Pipeline {
             };
             let local = self.next_local;
             self.next_local = self.next_local.wrapping_add(1);
+            if self.careful == Some(batch.seq) {
+                // Alone in flight: everything before it was confirmed.
+                let sent = self.send_carefully(&batch, local, stop).await;
+                if sent {
+                    self.careful = None;
+                }
+                self.in_flight.push_back(InFlight {
+                    seq: batch.seq,
+                    local,
+                    remaining: 0,
+                    failed: !sent,
+                    refused: false,
+                });
+                if !sent {
+                    return;
+                }
+                continue;
+            }
             let count = batch.count();
             self.in_flight.push_back(InFlight {
                 seq: batch.seq,
                 local,
                 remaining: count,
                 failed: false,
+                refused: false,
             });
             self.in_flight_msgs += count as usize;
             let mut id_buf = Uuid::encode_buffer();
@@ -315,6 +364,7 @@ impl Pipeline {
                     );
                 }
                 batch.failed = true;
+                batch.refused |= is_permanent(&e);
                 true
             }
         }
@@ -354,13 +404,118 @@ impl Pipeline {
         removed
     }
 
+    /// Sends the requests of `batch` one at a time, each after the report
+    /// of the one before; a request refused for good on its own goes to the
+    /// quarantine. False if a report said to try again later (or `stop`).
+    async fn send_carefully(
+        &mut self,
+        batch: &StoredBatch,
+        local: usize,
+        stop: &AtomicBool,
+    ) -> bool {
+        for entry in batch.entries() {
+            let mut id_buf = Uuid::encode_buffer();
+            let id = entry.message_id.hyphenated().encode_lower(&mut id_buf);
+            let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
+                key: "message-id",
+                value: Some(id.as_bytes()),
+            });
+            let record = BaseRecord::with_opaque_to(&self.topic, local)
+                .key(entry.key)
+                .payload(entry.payload)
+                .headers(headers);
+            let outcome = match self.producer.send(record) {
+                Ok(()) => loop {
+                    if stop.load(Relaxed) {
+                        return false;
+                    }
+                    let next = smol::future::or(async { self.reports.recv().await.ok() }, async {
+                        Timer::after(Duration::from_millis(200)).await;
+                        None
+                    });
+                    match next.await {
+                        Some((l, outcome)) if l == local => break outcome,
+                        _ => continue, // a report from before the rewind, or none yet
+                    }
+                },
+                Err((e, _)) => Err(e),
+            };
+            match outcome {
+                Ok(()) => {
+                    self.metrics.kafka_delivered.fetch_add(1, Relaxed);
+                }
+                Err(e) if is_permanent(&e) => {
+                    let error = e.to_string();
+                    let refused = Refused {
+                        topic: &self.topic,
+                        key: entry.key,
+                        message_id: entry.message_id,
+                        payload: entry.payload,
+                        error: &error,
+                    };
+                    // Owned copies for the blocking write off the executor.
+                    let (topic, key, payload) = (
+                        refused.topic.to_owned(),
+                        entry.key.to_vec(),
+                        entry.payload.to_vec(),
+                    );
+                    let quarantine = self.quarantine.clone();
+                    let message_id = entry.message_id;
+                    let put = smol::unblock(move || {
+                        quarantine.put(&Refused {
+                            topic: &topic,
+                            key: &key,
+                            message_id,
+                            payload: &payload,
+                            error: &error,
+                        })
+                    })
+                    .await;
+                    match put {
+                        Ok(Outcome::Kept) => {
+                            self.metrics.kafka_quarantined.fetch_add(1, Relaxed);
+                            log::error!(
+                                "Kafka refuses request {message_id} for good ({e}); it is kept in {} and the requests behind it go on",
+                                self.quarantine.path().display()
+                            );
+                        }
+                        Ok(Outcome::Dropped) => {
+                            self.metrics.kafka_quarantine_dropped.fetch_add(1, Relaxed);
+                            log::error!(
+                                "Kafka refuses request {message_id} for good ({e}) and the quarantine {} is full: the request is dropped",
+                                self.quarantine.path().display()
+                            );
+                        }
+                        Err(qe) => {
+                            log::error!("{qe}; request {message_id} stays in the outbox");
+                            return false;
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.metrics.kafka_failed.fetch_add(1, Relaxed);
+                    log::warn!(
+                        "Kafka refused a request of outbox batch {} again: {e}; it will be sent again",
+                        batch.seq
+                    );
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
     /// After a failure: resend from the first unconfirmed batch, with a fresh
     /// producer if librdkafka says the old one cannot go on or `renew` asks.
     async fn rewind(&mut self, backoff: Duration, renew: bool) {
-        let Some(first) = self.in_flight.front() else {
+        let Some(first) = self.in_flight.iter().find(|b| b.failed || b.remaining > 0) else {
             return;
         };
-        self.reader.rewind(first.seq);
+        if first.refused {
+            self.careful = Some(first.seq);
+        }
+        let first = self.in_flight.front().map_or(first.seq, |b| b.seq);
+        self.reader.rewind(first);
         self.in_flight.clear();
         self.in_flight_msgs = 0;
         let fatal = self.producer.client().fatal_error();

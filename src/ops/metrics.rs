@@ -39,6 +39,8 @@ pub struct Metrics {
 
     pub kafka_delivered: AtomicU64,
     pub kafka_failed: AtomicU64,
+    pub kafka_quarantined: AtomicU64,
+    pub kafka_quarantine_dropped: AtomicU64,
     pub kafka_broker_connected: AtomicI64,
     pub kafka_consumer_partitions: AtomicI64,
 
@@ -223,6 +225,16 @@ impl Metrics {
             "edgegate_kafka_failed_total",
             "Kafka delivery reports with an error (the request is sent again).",
             get(&self.kafka_failed),
+        );
+        counter(
+            "edgegate_kafka_quarantined_total",
+            "Requests Kafka refused for good (too large, invalid), kept in data_dir/quarantine/ instead.",
+            get(&self.kafka_quarantined),
+        );
+        counter(
+            "edgegate_kafka_quarantine_dropped_total",
+            "Requests Kafka refused for good that the full quarantine could not keep (logged with their messageId).",
+            get(&self.kafka_quarantine_dropped),
         );
         counter(
             "edgegate_downlink_received_total",

@@ -73,6 +73,7 @@
 mod durable;
 mod generation;
 mod marks;
+pub mod quarantine;
 mod reader;
 mod record;
 mod store;
@@ -85,6 +86,7 @@ mod tests;
 
 use std::path::PathBuf;
 
+pub use quarantine::Quarantine;
 pub use reader::{Reader, StoredBatch};
 pub use record::{AppendBatch, Batch, CorruptBatch, Entry, HEADER_LEN};
 pub use store::Store;

@@ -365,6 +365,8 @@ pub fn produce_to(p: &BaseProducer, topic: &str, partition: Option<i32>, payload
 pub struct GatewayOptions {
     pub brokers: String,
     pub env: Vec<(String, String)>,
+    /// A config file (`--config`), for what only a file can set.
+    pub config: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
     pub wait_ready: bool,
 }
@@ -374,6 +376,7 @@ impl GatewayOptions {
         GatewayOptions {
             brokers: brokers.into(),
             env: Vec::new(),
+            config: None,
             data_dir: None,
             wait_ready: true,
         }
@@ -403,6 +406,7 @@ pub struct Gateway {
     pub log_path: PathBuf,
     _tmp: Option<tempfile::TempDir>,
     opts_env: Vec<(String, String)>,
+    config: Option<PathBuf>,
     brokers: String,
 }
 
@@ -442,6 +446,7 @@ impl Gateway {
             data_dir,
             _tmp: tmp,
             opts_env: opts.env,
+            config: opts.config,
             brokers: opts.brokers,
         };
         g.spawn(opts.wait_ready);
@@ -479,6 +484,9 @@ impl Gateway {
             .stderr(log);
         for (k, v) in &self.opts_env {
             cmd.env(k, v);
+        }
+        if let Some(config) = &self.config {
+            cmd.arg("--config").arg(config);
         }
         self.child = Some(cmd.spawn().expect("starting edgegate"));
         if wait_ready {

@@ -9,6 +9,13 @@ use uuid::Uuid;
 use super::reply::write_json_str;
 use super::Request;
 
+/// What a Kafka record adds to the frame it carries, at most: the
+/// envelope's own fields (a 128-byte bound deviceUid of control characters
+/// escaped six times over included), the record key and the `message-id`
+/// header. A frame of `max_frame_bytes` must fit Kafka's message limit with
+/// this added, or it would be acked and then refused by every retry.
+pub const RECORD_OVERHEAD_BYTES: usize = 2048;
+
 /// Who sent a request, as the envelope records it.
 pub struct Origin<'a> {
     pub server_id: &'a str,

@@ -12,7 +12,7 @@ mod reply;
 mod tests;
 
 pub use downlink::{parse_server_response, ResponseError, ServerResponse};
-pub use envelope::{record_key, write_envelope, Origin, Timestamp};
+pub use envelope::{record_key, write_envelope, Origin, Timestamp, RECORD_OVERHEAD_BYTES};
 pub use reply::{
     write_ack, write_auth_ok, write_error, write_json_str, write_pong, write_rejection,
 };

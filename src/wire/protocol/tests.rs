@@ -360,3 +360,26 @@ fn garbage_server_responses_are_errors() {
         Err(ResponseError::Json(_))
     ));
 }
+
+#[test]
+fn record_overhead_covers_the_worst_envelope() {
+    // Every field the gateway adds at its longest: the bound deviceUid of
+    // control characters (escaped as \u00XX), the longest serverId.
+    let line = r#"{"action":"a","uid":"u","deviceUid":"d","data":1}"#;
+    let req = request(line);
+    let client = Uuid::new_v4();
+    let device: String = std::iter::repeat_n('\u{1}', 128).collect();
+    let server: String = std::iter::repeat_n('s', 128).collect();
+    let origin = Origin {
+        server_id: &server,
+        client_id: &client,
+        bound_device: Some(&device),
+    };
+    let mut out = Vec::new();
+    write_envelope(&mut out, &req, &origin, &Uuid::new_v4(), &Timestamp::now());
+    let mut buf = [0u8; 45];
+    let key = record_key(&req, &origin, &mut buf).len();
+    let header = "message-id".len() + 36;
+    let added = out.len() + key + header - line.len();
+    assert!(added <= RECORD_OVERHEAD_BYTES, "{added} bytes added");
+}
