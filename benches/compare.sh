@@ -9,8 +9,12 @@
 # in the figures). Prints each line, then per build the median msgs/s, its
 # ratio to raw, the median ack p50/p99, the bytes the gateway process
 # wrote to disk per acked request (write_bytes in /proc/PID/io: flash wear),
-# and the memory an idle connection costs each (IDLE=N connections, default
-# 5,000; 0 skips it).
+# the bytes its Kafka producer sent per acked request (the WAN's cost:
+# edgegate_kafka_tx_bytes_total, where the build has it), and the memory an
+# idle connection costs each (IDLE=N connections, default 5,000; 0 skips it).
+# PAYLOAD=telemetry sends realistic sensor readings instead of 200-byte
+# padded frames; CONFIG_A / CONFIG_B give a build a config file (e.g. one
+# setting kafka.properties to compare two settings of one build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 2 ] || { echo "usage: benches/compare.sh BIN_A BIN_B [ROUNDS]" >&2; exit 64; }
@@ -39,9 +43,10 @@ for t in cmp_raw cmp_a cmp_b; do
 done
 
 wait_http() { for _ in $(seq 400); do curl -sf "http://$1/$2" >/dev/null && return 0; sleep 0.025; done; return 1; }
-gateway() { # BIN NAME LISTEN ADMIN TOPIC
+gateway() { # BIN NAME LISTEN ADMIN TOPIC [CONFIG]
   env EDGEGATE_KAFKA_PRODUCER_TOPIC="$5" EDGEGATE_KAFKA_CONSUMER_TOPICS=cmp_raw RUST_LOG=warn \
-    "$1" --brokers "$broker" --listen "$3" --admin-listen "$4" --data-dir "$work/$2" >"$work/$2.log" 2>&1 &
+    "$1" --brokers "$broker" --listen "$3" --admin-listen "$4" --data-dir "$work/$2" \
+    ${6:+--config "$6"} >"$work/$2.log" 2>&1 &
   local pid=$!
   echo "$pid" >>"$work/pids"
   wait_http "$4" readyz
@@ -49,14 +54,14 @@ gateway() { # BIN NAME LISTEN ADMIN TOPIC
 }
 uplink() { # LISTEN TOPIC
   "$bench" uplink --gateway "$1" --brokers "$broker" --topic "$2" --partitions 3 \
-    --connections 50 --window 64 --messages 400000 2>/dev/null
+    --connections 50 --window 64 --messages 400000 ${PAYLOAD:+--payload "$PAYLOAD"} 2>/dev/null
 }
 
-gw_a=$(gateway "$bin_a" a 127.0.0.1:21600 127.0.0.1:21680 cmp_a)
-gw_b=$(gateway "$bin_b" b 127.0.0.1:21601 127.0.0.1:21681 cmp_b)
+gw_a=$(gateway "$bin_a" a 127.0.0.1:21600 127.0.0.1:21680 cmp_a "${CONFIG_A:-}")
+gw_b=$(gateway "$bin_b" b 127.0.0.1:21601 127.0.0.1:21681 cmp_b "${CONFIG_B:-}")
 : >"$work/lines"
 for i in $(seq "$rounds"); do
-  echo "raw $("$bench" raw --brokers "$broker" --topic cmp_raw --messages 400000 2>/dev/null)" | tee -a "$work/lines"
+  echo "raw $("$bench" raw --brokers "$broker" --topic cmp_raw --messages 400000 ${PAYLOAD:+--payload "$PAYLOAD"} 2>/dev/null)" | tee -a "$work/lines"
   echo "A $(uplink 127.0.0.1:21600 cmp_a)" | tee -a "$work/lines"
   echo "B $(uplink 127.0.0.1:21601 cmp_b)" | tee -a "$work/lines"
 done
@@ -78,9 +83,13 @@ raw=$(field raw msgs_per_sec)
 for side in A B; do
   pid=$gw_a; [ "$side" = B ] && pid=$gw_b
   written=$(awk '/^write_bytes/{print $2}' "/proc/$pid/io")
+  admin=127.0.0.1:21680; [ "$side" = B ] && admin=127.0.0.1:21681
+  sleep 1.2 # librdkafka's statistics come once a second
+  tx=$(curl -sf "http://$admin/metrics" | awk '/^edgegate_kafka_tx_bytes_total /{print $2}')
+  wire=-; [ -n "$tx" ] && wire=$(( tx / (rounds * 400000) ))
   rate=$(field "$side" msgs_per_sec)
   missing=$(grep "^$side " "$work/lines" | tr ' ' '\n' | sed -n 's/^missing=//p' | paste -sd+ | bc)
   idle=$(grep "^$side-idle " "$work/lines" | tr ' ' '\n' | sed -n 's/^bytes_per_connection=//p')
-  echo "$side: median msgs_per_sec=$rate ratio_to_raw=$(awk "BEGIN{printf \"%.3f\", $rate / $raw}") p50_ms=$(field "$side" p50_ms) p99_ms=$(field "$side" p99_ms) missing=$missing disk_bytes_per_request=$(( written / (rounds * 400000) )) idle_bytes_per_connection=${idle:--}"
+  echo "$side: median msgs_per_sec=$rate ratio_to_raw=$(awk "BEGIN{printf \"%.3f\", $rate / $raw}") p50_ms=$(field "$side" p50_ms) p99_ms=$(field "$side" p99_ms) missing=$missing disk_bytes_per_request=$(( written / (rounds * 400000) )) kafka_bytes_per_request=$wire idle_bytes_per_connection=${idle:--}"
 done
 echo "raw: median msgs_per_sec=$raw; A=$bin_a B=$bin_b; $rounds rounds"

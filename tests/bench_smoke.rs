@@ -95,6 +95,31 @@ fn raw_and_uplink_modes_report_and_verify() {
     );
     assert_eq!(num(&r, "missing"), 0.0);
     assert!(num(&r, "p99_ms") >= num(&r, "p50_ms"));
+
+    // Realistic readings: every one is a valid request, acked and in Kafka,
+    // and the gateway counts what its producer sent.
+    let r = bench(&[
+        "uplink",
+        "--gateway",
+        &gateway,
+        "--brokers",
+        &broker.addr(),
+        "--topic",
+        &up,
+        "--partitions",
+        "2",
+        "--connections",
+        "2",
+        "--messages",
+        "500",
+        "--payload",
+        "telemetry",
+    ]);
+    assert_eq!(r["size"], "telemetry");
+    assert_eq!(num(&r, "acked"), 500.0);
+    assert_eq!(num(&r, "errors"), 0.0);
+    assert_eq!(num(&r, "missing"), 0.0);
+    gw.wait_metric("edgegate_kafka_tx_bytes_total", |v| v > 0.0);
 }
 
 #[test]

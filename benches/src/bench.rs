@@ -43,9 +43,9 @@ pub enum BenchError {
 }
 
 pub const USAGE: &str = "\
-usage: edgegate-bench raw    --brokers LIST --topic T [--messages N] [--size BYTES]
+usage: edgegate-bench raw    --brokers LIST --topic T [--messages N] [--size BYTES | --payload telemetry]
        edgegate-bench uplink --gateway ADDR --brokers LIST --topic T [--partitions P]
-                             [--connections C] [--window W] [--messages N] [--size BYTES] [--no-verify]
+                             [--connections C] [--window W] [--messages N] [--size BYTES | --payload telemetry] [--no-verify]
        edgegate-bench roundtrip --gateway ADDR --admin ADDR --brokers LIST --topic T --reply-topic T
                              [--partitions P] [--connections C] [--rate MSGS_PER_SEC] [--seconds S]
        edgegate-bench hop    --brokers LIST --topic EMPTY_TOPIC [--partitions P] [--rate MSGS_PER_SEC] [--seconds S]
@@ -67,6 +67,8 @@ pub struct Options {
     pub window: usize,
     pub messages: u64,
     pub size: usize,
+    /// `--payload telemetry`: realistic sensor readings instead of padding.
+    pub telemetry: bool,
     pub verify: bool,
     /// roundtrip: the topic the echo worker answers on, the total request
     /// rate and how long to send.
@@ -81,6 +83,14 @@ pub struct Options {
 }
 
 impl Options {
+    pub fn payload(&self) -> Payload {
+        if self.telemetry {
+            Payload::Telemetry
+        } else {
+            Payload::Fixed(self.size)
+        }
+    }
+
     pub fn parse(mode: String, args: &mut lexopt::Parser) -> Result<Options, BenchError> {
         use lexopt::prelude::*;
         let mut o = Options {
@@ -95,6 +105,7 @@ impl Options {
             window: 64,
             messages: 200_000,
             size: 200,
+            telemetry: false,
             verify: true,
             reply_topic: "workers_layer_messages".into(),
             rate: 5000,
@@ -132,6 +143,15 @@ impl Options {
                 "messages" => o.messages = num(value()?)?.max(1),
                 "size" => o.size = num(value()?)?.max(64) as usize,
                 "no-verify" => o.verify = false,
+                "payload" => match value()?.as_str() {
+                    "telemetry" => o.telemetry = true,
+                    "fixed" => o.telemetry = false,
+                    other => {
+                        return Err(BenchError::Usage(format!(
+                            "--payload is fixed or telemetry, not `{other}`"
+                        )))
+                    }
+                },
                 "reply-topic" => o.reply_topic = value()?,
                 "rate" => o.rate = num(value()?)?.max(1),
                 "seconds" => o.seconds = num(value()?)?.max(1),
@@ -173,12 +193,57 @@ fn require<T: Copy>(v: Option<T>, name: &str) -> Result<T, BenchError> {
     v.ok_or_else(|| BenchError::Usage(format!("--{name} is required\n{USAGE}")))
 }
 
-/// A frame of exactly `size` bytes (without the newline).
-fn frame(conn: usize, seq: u64, size: usize) -> String {
-    let head = format!("{{\"action\":\"telemetry\",\"uid\":\"{conn}-{seq}\",\"deviceUid\":\"bench-{conn}\",\"data\":{{\"p\":\"");
-    let tail = "\"}}";
-    let pad = size.saturating_sub(head.len() + tail.len());
-    format!("{head}{}{tail}", "x".repeat(pad))
+/// What the requests carry.
+#[derive(Debug, Clone, Copy)]
+pub enum Payload {
+    /// Frames of exactly this many bytes, padded with `x` (compresses far
+    /// better than real data: for throughput, not for bytes).
+    Fixed(usize),
+    /// Sensor readings as a hub's devices send them: see [`telemetry`].
+    Telemetry,
+}
+
+/// A request frame (without the newline).
+fn frame(conn: usize, seq: u64, payload: Payload) -> String {
+    let head = format!("{{\"action\":\"telemetry\",\"uid\":\"{conn}-{seq}\",\"deviceUid\":\"bench-{conn}\",\"data\":");
+    match payload {
+        Payload::Telemetry => format!("{head}{}}}", telemetry(conn, seq)),
+        Payload::Fixed(size) => {
+            let head = format!("{head}{{\"p\":\"");
+            let tail = "\"}}";
+            let pad = size.saturating_sub(head.len() + tail.len());
+            format!("{head}{}{tail}", "x".repeat(pad))
+        }
+    }
+}
+
+/// One reading of device `conn`, its `seq`-th: a millisecond timestamp one
+/// second after the last, and five sensors that drift slowly around a
+/// per-device level with a little noise, printed with the precision a
+/// sensor has (temperature 0.01 °C, humidity 0.1 %, pressure 0.1 hPa,
+/// battery 1 mV, signal 1 dBm). Deterministic (a hash of device and seq),
+/// so runs are comparable. About 140-byte frames.
+fn telemetry(conn: usize, seq: u64) -> String {
+    let device = conn as f64;
+    let noise = |salt: u64| {
+        let mut x = (conn as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ seq.wrapping_mul(0xBF58_476D_1CE4_E5B9)
+            ^ salt;
+        x ^= x >> 31;
+        x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 29;
+        (x % 10_000) as f64 / 10_000.0 - 0.5
+    };
+    let t = seq as f64 / 600.0; // a slow cycle: ten minutes of readings
+    let temp = 21.0 + (device % 7.0) + 2.5 * t.sin() + 0.2 * noise(1);
+    let hum = 45.0 + (device % 11.0) - 8.0 * t.sin() + noise(2);
+    let press = 1013.0 - (device % 5.0) + 1.5 * (t / 3.0).cos() + 0.3 * noise(3);
+    let bat = 4.15 - (seq as f64 / 1e6).min(0.8) + 0.004 * noise(4);
+    let rssi = -60.0 - (device % 25.0) + 6.0 * noise(5);
+    let ts = 1_795_644_000_000u64 + seq * 1000 + (conn as u64 % 1000);
+    format!(
+        "{{\"ts\":{ts},\"temp\":{temp:.2},\"hum\":{hum:.1},\"press\":{press:.1},\"bat\":{bat:.3},\"rssi\":{rssi:.0}}}"
+    )
 }
 
 fn raw(o: &Options) -> Result<(), BenchError> {
@@ -195,10 +260,14 @@ fn raw(o: &Options) -> Result<(), BenchError> {
         edgegate::kafka::producer::client_config(&kafka)
             .set("statistics.interval.ms", "0")
             .create()?;
-    let payload = frame(0, 0, o.size);
+    let mut payload = frame(0, 0, o.payload());
     let start = Instant::now();
     for i in 0..o.messages {
         let key = format!("bench-{}", i % 50);
+        if o.telemetry {
+            // Readings differ, or compression would flatter the baseline.
+            payload = frame((i % 50) as usize, i / 50, o.payload());
+        }
         let mut record = BaseRecord::<str, str>::to(&o.topic)
             .key(&key)
             .payload(&payload);
@@ -218,7 +287,11 @@ fn raw(o: &Options) -> Result<(), BenchError> {
     println!(
         "mode=raw messages={} size={} seconds={secs:.3} msgs_per_sec={:.0}",
         o.messages,
-        o.size,
+        if o.telemetry {
+            "telemetry".to_owned()
+        } else {
+            o.size.to_string()
+        },
         o.messages as f64 / secs
     );
     Ok(())
@@ -238,8 +311,8 @@ fn uplink(o: &Options) -> Result<(), BenchError> {
     let progress = Arc::new(AtomicU64::new(0));
     let threads: Vec<_> = (0..o.connections)
         .map(|c| {
-            let (progress, window, size) = (progress.clone(), o.window, o.size);
-            std::thread::spawn(move || drive(gateway, c, per_conn, window, size, &progress))
+            let (progress, window, payload) = (progress.clone(), o.window, o.payload());
+            std::thread::spawn(move || drive(gateway, c, per_conn, window, payload, &progress))
         })
         .collect();
     let reporter = {
@@ -283,7 +356,7 @@ fn uplink(o: &Options) -> Result<(), BenchError> {
         "mode=uplink connections={} window={} size={} acked={} errors={errors} seconds={secs:.3} msgs_per_sec={:.0} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2} client_cpu_secs={:.2}{verified}",
         o.connections,
         o.window,
-        o.size,
+        if o.telemetry { "telemetry".to_owned() } else { o.size.to_string() },
         acked.len(),
         acked.len() as f64 / secs,
         pct(0.50),
@@ -300,7 +373,7 @@ fn drive(
     conn: usize,
     count: u64,
     window: usize,
-    size: usize,
+    payload: Payload,
     progress: &AtomicU64,
 ) -> Result<ConnResult, BenchError> {
     let stream = TcpStream::connect(gateway)?;
@@ -320,7 +393,7 @@ fn drive(
     while (result.acked.len() as u64 + result.errors) < count {
         out.clear();
         while next < count && sent_at.len() < window {
-            out.push_str(&frame(conn, next, size));
+            out.push_str(&frame(conn, next, payload));
             out.push('\n');
             sent_at.push_back(Instant::now());
             next += 1;
@@ -572,7 +645,7 @@ fn roundtrip(o: &Options) -> Result<(), BenchError> {
             stream.set_read_timeout(Some(Duration::from_millis(200)))?;
             let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
             let mut writer = stream.try_clone()?;
-            let (sent_w, size) = (sent.clone(), o.size);
+            let (sent_w, payload) = (sent.clone(), o.payload());
             let send = std::thread::spawn(move || -> std::io::Result<u64> {
                 let mut n = 0u64;
                 while start.elapsed() < sending {
@@ -580,7 +653,7 @@ fn roundtrip(o: &Options) -> Result<(), BenchError> {
                     if let Some(wait) = due.checked_duration_since(Instant::now()) {
                         std::thread::sleep(wait);
                     }
-                    let f = frame(c, n, size);
+                    let f = frame(c, n, payload);
                     sent_w
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())

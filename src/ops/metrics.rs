@@ -40,6 +40,7 @@ pub struct Metrics {
     pub kafka_delivered: AtomicU64,
     pub kafka_failed: AtomicU64,
     pub kafka_quarantined: AtomicU64,
+    pub kafka_tx_bytes: AtomicU64,
     pub kafka_quarantine_dropped: AtomicU64,
     pub kafka_broker_connected: AtomicI64,
     pub kafka_consumer_partitions: AtomicI64,
@@ -225,6 +226,11 @@ impl Metrics {
             "edgegate_kafka_failed_total",
             "Kafka delivery reports with an error (the request is sent again).",
             get(&self.kafka_failed),
+        );
+        counter(
+            "edgegate_kafka_tx_bytes_total",
+            "Bytes the Kafka producer sent to brokers (librdkafka's txbytes, as of its last statistics, once a second): the uplink's cost on the WAN.",
+            get(&self.kafka_tx_bytes),
         );
         counter(
             "edgegate_kafka_quarantined_total",
