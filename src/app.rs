@@ -201,7 +201,11 @@ pub fn start(checked: Checked) -> Result<Running, AppError> {
             .map_err(AppError::Threads)?;
     }
 
-    let (appender, writer) = outbox::start_writer(store.clone(), config.outbox.flush_interval);
+    let (appender, writer) = outbox::start_writer(
+        store.clone(),
+        config.outbox.flush_interval,
+        config.outbox.spill_after,
+    );
     let writer = ex.spawn(writer);
 
     let producer_stop = Arc::new(AtomicBool::new(false));

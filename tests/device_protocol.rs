@@ -267,7 +267,11 @@ fn outbox_cap_refuses_with_outbox_full_and_keeps_the_connection() {
     d.send("Ping");
     assert_eq!(d.line().unwrap(), "Pong");
     assert_eq!(gw.metric("edgegate_outbox_records"), acked as f64);
-    assert!(gw.metric("edgegate_outbox_disk_bytes") <= (1 << 20) as f64 * 1.05);
+    let disk = gw.metric("edgegate_outbox_disk_bytes");
+    assert!(
+        disk <= (1 << 20) as f64 * 1.05,
+        "{disk} bytes on disk, {acked} acked"
+    );
 }
 
 #[test]

@@ -210,6 +210,15 @@ pub const KEYS: &[Key] = &[
         flag: None,
         help: "group commit: how long a flush waits to gather more requests",
     },
+    // PROTOCOL 3: a request waits this long for Kafka's confirmation before
+    // it is written to disk; 0 writes every request first.
+    Key {
+        name: "outbox.spill_after_ms",
+        kind: number(0, 60_000),
+        default: "50",
+        flag: None,
+        help: "a request Kafka has not confirmed within this many ms is written to the outbox (and acked then); 0: every request is written before its ack",
+    },
     // Enough for thousands of refused requests; bounded so that a device
     // sending nothing but refused requests cannot fill the disk.
     Key {

@@ -116,6 +116,7 @@ pub struct KafkaConfig {
 pub struct OutboxConfig {
     pub max_bytes: u64,
     pub flush_interval: Duration,
+    pub spill_after: Duration,
     pub quarantine_max_bytes: u64,
 }
 
@@ -245,6 +246,7 @@ fn build(layers: &Layers<'_>) -> Result<Config, ConfigError> {
     let outbox = OutboxConfig {
         max_bytes: layers.number("outbox.max_bytes")?,
         flush_interval: Duration::from_millis(layers.number("outbox.flush_interval_ms")?),
+        spill_after: Duration::from_millis(layers.number("outbox.spill_after_ms")?),
         quarantine_max_bytes: layers.number("outbox.quarantine_max_bytes")?,
     };
     let admin = AdminConfig {

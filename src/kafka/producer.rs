@@ -38,7 +38,7 @@ use crate::config::KafkaConfig;
 use crate::kafka::ErrorLog;
 use crate::ops::metrics::Metrics;
 use crate::outbox::quarantine::{Outcome, Refused};
-use crate::outbox::{Quarantine, Reader, Store, StoredBatch};
+use crate::outbox::{Batch, Quarantine, Reader, Sent, Store};
 
 /// Requests handed to librdkafka and not yet confirmed, at most. Bounds
 /// memory during a long outage (the rest waits on disk) while keeping enough
@@ -143,6 +143,7 @@ struct InFlight {
     /// Some report said the refusal is permanent: the batch is sent again
     /// one request at a time.
     refused: bool,
+    sent: Sent,
 }
 
 /// Refusals that sending again cannot change.
@@ -276,8 +277,8 @@ impl Pipeline {
             return; // wait for the rewind
         }
         while self.in_flight_msgs < MAX_IN_FLIGHT {
-            let batch = match self.reader.read_next() {
-                Ok(Some(batch)) => batch,
+            let record = match self.reader.next_record() {
+                Ok(Some(record)) => record,
                 Ok(None) => return,
                 Err(e) => {
                     // Retried on the next wake-up (at least every second);
@@ -292,33 +293,37 @@ impl Pipeline {
                     return;
                 }
             };
+            let batch = record.batch();
+            let (seq, sent) = (record.seq(), record.sent());
             let local = self.next_local;
             self.next_local = self.next_local.wrapping_add(1);
-            if self.careful == Some(batch.seq) {
+            if self.careful == Some(seq) {
                 // Alone in flight: everything before it was confirmed.
-                let sent = self.send_carefully(&batch, local, stop).await;
-                if sent {
+                let done = self.send_carefully(seq, &batch, local, stop).await;
+                if done {
                     self.careful = None;
                 }
                 self.in_flight.push_back(InFlight {
-                    seq: batch.seq,
+                    seq,
                     local,
                     remaining: 0,
-                    failed: !sent,
+                    failed: !done,
                     refused: false,
+                    sent,
                 });
-                if !sent {
+                if !done {
                     return;
                 }
                 continue;
             }
-            let count = batch.count();
+            let count = batch.count;
             self.in_flight.push_back(InFlight {
-                seq: batch.seq,
+                seq,
                 local,
                 remaining: count,
                 failed: false,
                 refused: false,
+                sent,
             });
             self.in_flight_msgs += count as usize;
             let mut id_buf = Uuid::encode_buffer();
@@ -383,13 +388,22 @@ impl Pipeline {
 
     /// Removes the confirmed batches at the front; true if any was removed.
     async fn remove_delivered(&mut self) -> bool {
-        let confirmed = self
+        // Confirmations settle first: most records sent from memory never
+        // reached the disk and need no removal (nor the mark's sync).
+        let mut ready = 0;
+        for b in self.in_flight.iter_mut() {
+            if b.remaining > 0 || b.failed || !self.reader.confirm(&mut b.sent) {
+                break;
+            }
+            ready += 1;
+        }
+        let last = self
             .in_flight
             .iter()
-            .take_while(|b| b.remaining == 0 && !b.failed)
-            .last()
+            .take(ready)
+            .rfind(|b| self.reader.needs_removal(&b.sent))
             .map(|b| b.seq);
-        if let Some(last) = confirmed.filter(|&seq| self.reader.needs_mark(seq)) {
+        if let Some(last) = last.filter(|&seq| self.reader.needs_mark(seq)) {
             // The removal mark is synced before any removal it covers; move
             // it to everything handed to Kafka so far, so that one sync
             // serves many removals, and off the executor.
@@ -401,11 +415,12 @@ impl Pipeline {
             }
         }
         let mut removed = false;
-        while let Some(front) = self.in_flight.front() {
-            if front.remaining > 0 || front.failed {
+        for _ in 0..ready {
+            let Some(front) = self.in_flight.front() else {
                 break;
-            }
-            if let Err(e) = self.reader.ack(front.seq) {
+            };
+            let outcome = self.reader.remove(&front.sent);
+            if let Err(e) = outcome {
                 log::error!("removing delivered outbox batch {} failed: {e}", front.seq);
                 break;
             }
@@ -420,7 +435,8 @@ impl Pipeline {
     /// quarantine. False if a report said to try again later (or `stop`).
     async fn send_carefully(
         &mut self,
-        batch: &StoredBatch,
+        seq: u64,
+        batch: &Batch<'_>,
         local: usize,
         stop: &AtomicBool,
     ) -> bool {
@@ -506,8 +522,7 @@ impl Pipeline {
                 Err(e) => {
                     self.metrics.kafka_failed.fetch_add(1, Relaxed);
                     log::warn!(
-                        "Kafka refused a request of outbox batch {} again: {e}; it will be sent again",
-                        batch.seq
+                        "Kafka refused a request of outbox batch {seq} again: {e}; it will be sent again"
                     );
                     return false;
                 }

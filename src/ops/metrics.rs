@@ -36,6 +36,9 @@ pub struct Metrics {
     pub outbox_store_recoveries: AtomicU64,
     pub outbox_lost_batches: AtomicU64,
     pub outbox_write_errors: AtomicU64,
+    pub outbox_spilled: AtomicU64,
+    pub outbox_memory_full: AtomicU64,
+    pub outbox_confirmed_in_memory: AtomicU64,
 
     pub kafka_delivered: AtomicU64,
     pub kafka_failed: AtomicU64,
@@ -211,6 +214,21 @@ impl Metrics {
             "edgegate_outbox_lost_batches_total",
             "Flushed outbox batches that the store could not give back after a restart (damage on disk).",
             get(&self.outbox_lost_batches),
+        );
+        counter(
+            "edgegate_outbox_spilled_total",
+            "Records written to the outbox because Kafka had not confirmed them within outbox.spill_after_ms (or memory for them ran out).",
+            get(&self.outbox_spilled),
+        );
+        counter(
+            "edgegate_outbox_confirmed_in_memory_total",
+            "Records Kafka confirmed before they had to be written to the outbox.",
+            get(&self.outbox_confirmed_in_memory),
+        );
+        counter(
+            "edgegate_outbox_memory_full_total",
+            "Times the records waiting in memory for Kafka reached their limit and were all written to the outbox at once.",
+            get(&self.outbox_memory_full),
         );
         counter(
             "edgegate_outbox_write_errors_total",

@@ -1,4 +1,5 @@
-//! The durable outbox: every accepted request is on disk before its ack.
+//! The durable outbox: every accepted request is in Kafka or on disk
+//! before its ack.
 //!
 //! # On-disk format
 //!
@@ -37,19 +38,65 @@
 //! does not give back are counted as lost (logged as an error,
 //! `edgegate_outbox_lost_batches_total`).
 //!
+//! # Memory first (`outbox.spill_after_ms`)
+//!
+//! With a non-zero `spill_after_ms` (50 ms by default) the writer gives a
+//! group commit's records their seqs and puts them in [`hot::Hot`] instead
+//! of on disk; the producer sends them from there at once. Each record
+//! becomes safe one of two ways, whichever comes first: Kafka confirms it
+//! (`acks=all`), or the writer, finding it still unconfirmed after
+//! `spill_after_ms` (or memory for waiting records past
+//! [`hot::MEMORY_LIMIT`]), writes it to disk the way every record is written
+//! in disk-first mode. A group's appends are answered once each of its
+//! records is safe. A record confirmed before it was written never touches
+//! the disk; one written and then confirmed is removed like any other. With
+//! `spill_after_ms = 0` every record is written before its ack.
+//!
+//! Why the first copies of one connection's requests still reach Kafka in
+//! the order they were sent, whatever the interleaving:
+//!
+//! - a connection appends one turn at a time, and the writer gives seqs in
+//!   the order appends arrive, so a connection's requests have rising seqs;
+//! - the producer hands records to librdkafka strictly in seq order
+//!   ([`Reader::next_record`]): from memory while a record is there, else
+//!   from disk. The writer spills oldest first and moves `committed` past a
+//!   spilled record before it leaves memory, so a record is always in one of
+//!   the two places the producer looks (or was confirmed, or was refused
+//!   and its append told so), and the producer never jumps over one that is
+//!   on its way to the disk;
+//! - librdkafka's idempotent producer with an infinite message timeout keeps
+//!   that order per partition and never fails a message behind a later one;
+//!   after a failure the producer sends again from the first unconfirmed
+//!   record, again in seq order;
+//! - after a crash, what is on disk is replayed in seq order before anything
+//!   new (new records get seqs above every stored one). What was only in
+//!   memory was not acknowledged; what Kafka had confirmed of it is not sent
+//!   again. A record confirmed out of order with another partition's is not
+//!   an ordering question: order is per partition, and a connection's
+//!   requests share a key.
+//!
+//! Seqs given to records that were confirmed before being written leave
+//! gaps on disk; before a write that skips over any, the removal mark is
+//! moved past them (so the next start does not count them lost). The model
+//! test `hot_model_tests` checks these rules against random interleavings
+//! of appends, sends, confirmations, failures, spills and crashes.
+//!
 //! # Files
 //!
 //! `record` (the format above), `marks` (`flushed`, `removed`),
 //! `generation` (one sled database: open, sync, load), `durable` (what
 //! sled leaves unsynced), `store` (the generations, the cap, reads and
-//! removals), `writer` (the group commit), `reader` (the producer's
-//! handle: stored batches in order, and their acks).
+//! removals), `hot` (records not on disk yet, and their groups' answers),
+//! `writer` (the group commit: stage or write, and spills), `reader` (the
+//! producer's handle: records in order from memory or disk, and what each
+//! confirmation means), `quarantine` (requests Kafka refuses for good).
 //!
 //! # Invariants
 //!
-//! - A batch is inserted, flushed and fsynced (with every file and directory
-//!   entry it depends on) before any request in it is acked, and the
-//!   producer only reads batches below `committed` (synced ones).
+//! - A request is acked only once Kafka confirmed its record or the record
+//!   was inserted, flushed and fsynced (with every file and directory entry
+//!   it depends on); the producer reads from disk only batches below
+//!   `committed` (synced ones).
 //! - Seqs only grow, across generations too. A generation is named by the
 //!   first seq it holds, and every seq in it is below the next generation's
 //!   name (a new generation starts only after `committed` covers all that
@@ -72,6 +119,7 @@
 
 mod durable;
 mod generation;
+pub mod hot;
 mod marks;
 pub mod quarantine;
 mod reader;
@@ -80,6 +128,8 @@ mod store;
 mod writer;
 
 #[cfg(test)]
+mod hot_model_tests;
+#[cfg(test)]
 mod model_tests;
 #[cfg(test)]
 mod tests;
@@ -87,7 +137,7 @@ mod tests;
 use std::path::PathBuf;
 
 pub use quarantine::Quarantine;
-pub use reader::{Reader, StoredBatch};
+pub use reader::{Outgoing, Reader, Sent, StoredBatch};
 pub use record::{AppendBatch, Batch, CorruptBatch, Entry, HEADER_LEN};
 pub use store::Store;
 pub use writer::{start_writer, Appender};

@@ -46,7 +46,7 @@ struct Running {
 fn start(dir: &Path) -> Running {
     let metrics = Arc::new(Metrics::default());
     let (store, doorbell) = Store::open(&dir.join("outbox"), CAP, metrics.clone()).unwrap();
-    let (appender, writer) = start_writer(store.clone(), Duration::ZERO);
+    let (appender, writer) = start_writer(store.clone(), Duration::ZERO, Duration::ZERO);
     Running {
         store,
         metrics,
@@ -65,7 +65,7 @@ fn stop(r: Running) {
 fn replay(store: &Store) -> Vec<u128> {
     let mut seq = 0;
     let mut out = Vec::new();
-    while let Some((s, v)) = store.next_batch(seq).unwrap() {
+    while let Some((s, v)) = store.next_batch(seq, None).unwrap() {
         let batch = Batch::parse(&v).expect("no corruption in this test");
         out.extend(batch.entries().map(|e| e.message_id.as_u128()));
         seq = s + 1;
@@ -102,7 +102,7 @@ proptest! {
                 Op::Deliver { batches } => {
                     let store = &running.store;
                     for _ in 0..batches {
-                        let Some((seq, value)) = store.next_batch(0).unwrap() else { break };
+                        let Some((seq, value)) = store.next_batch(0, None).unwrap() else { break };
                         let batch = Batch::parse(&value).unwrap();
                         for entry in batch.entries() {
                             prop_assert_eq!(Some(entry.message_id.as_u128()), model.pop_front(), "replay order");

@@ -1,12 +1,15 @@
-//! The producer's handle on the outbox: stored batches in seq order, and
-//! their acknowledgements. The reader owns the bookkeeping of what it handed
-//! out: a batch that fails its checksum is logged, counted and removed here,
-//! and an ack needs only the batch's seq. No sled type leaves the outbox.
+//! The producer's handle on the outbox: records in seq order, from memory
+//! while they are there (never read back from disk), else from disk; and
+//! what Kafka's confirmation of each means. The reader owns the bookkeeping
+//! of what it handed out: a batch that fails its checksum is logged,
+//! counted and removed here, and a confirmation needs only the handle the
+//! reader gave. No sled type leaves the outbox.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
+use super::hot::Confirmed;
 use super::record::{Batch, Entry};
 use super::store::Store;
 use super::OutboxError;
@@ -26,9 +29,65 @@ impl StoredBatch {
         self.batch().entries()
     }
 
-    fn batch(&self) -> Batch<'_> {
+    pub fn batch(&self) -> Batch<'_> {
         Batch::parse(&self.value).expect("verified when it was read")
     }
+}
+
+/// A record to send: from memory, or read from disk.
+pub enum Outgoing {
+    Memory(u64, Arc<[u8]>),
+    Disk(StoredBatch),
+}
+
+impl Outgoing {
+    pub fn seq(&self) -> u64 {
+        match self {
+            Outgoing::Memory(seq, _) => *seq,
+            Outgoing::Disk(b) => b.seq,
+        }
+    }
+
+    pub fn batch(&self) -> Batch<'_> {
+        match self {
+            Outgoing::Memory(_, value) => Batch::parse(value).expect("sealed by the writer"),
+            Outgoing::Disk(b) => b.batch(),
+        }
+    }
+
+    /// What the producer keeps while the record is in flight.
+    pub fn sent(&self) -> Sent {
+        let origin = match self {
+            Outgoing::Memory(_, value) => Origin::Memory {
+                bytes: value.len() as u64,
+                count: self.batch().count,
+                on_disk: None,
+            },
+            Outgoing::Disk(_) => Origin::Disk,
+        };
+        Sent {
+            seq: self.seq(),
+            origin,
+        }
+    }
+}
+
+/// A record handed to Kafka, as the reader needs to know it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub seq: u64,
+    origin: Origin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Disk,
+    /// Sent from memory; `on_disk` once its confirmation was settled.
+    Memory {
+        bytes: u64,
+        count: u32,
+        on_disk: Option<bool>,
+    },
 }
 
 /// What an ack needs to know of a batch it removes.
@@ -56,10 +115,11 @@ impl Reader {
     }
 
     /// The next stored batch (flushed and synced) after those already
-    /// handed out; `None` when there is none yet.
-    pub fn read_next(&mut self) -> Result<Option<StoredBatch>, OutboxError> {
+    /// handed out, below `limit` if given; `None` when there is none yet.
+    /// Disk only: [`Reader::next_record`] is what the producer uses.
+    pub fn read_next(&mut self, limit: Option<u64>) -> Result<Option<StoredBatch>, OutboxError> {
         loop {
-            let Some((seq, value)) = self.store.next_batch(self.cursor)? else {
+            let Some((seq, value)) = self.store.next_batch(self.cursor, limit)? else {
                 return Ok(None);
             };
             self.cursor = seq + 1;
@@ -112,8 +172,84 @@ impl Reader {
         self.cursor
     }
 
-    /// Kafka confirmed every request of the oldest batch handed out, `seq`:
-    /// it leaves the outbox.
+    /// The next record in seq order: from memory while it is there, else
+    /// from disk below the first one in memory. A seq in neither place was
+    /// confirmed, or refused when it could not be written: it is skipped.
+    pub fn next_record(&mut self) -> Result<Option<Outgoing>, OutboxError> {
+        let store = self.store.clone();
+        loop {
+            let cursor = self.cursor;
+            let in_memory = store.hot.first_from(cursor);
+            if in_memory == Some(cursor) {
+                match store.hot.get(cursor) {
+                    Some((value, _)) => {
+                        self.cursor = cursor + 1;
+                        return Ok(Some(Outgoing::Memory(cursor, value)));
+                    }
+                    None => continue, // written to disk (or confirmed) just now
+                }
+            }
+            if let Some(batch) = self.read_next(in_memory)? {
+                return Ok(Some(Outgoing::Disk(batch)));
+            }
+            match in_memory {
+                Some(seq) => self.cursor = seq,
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Kafka confirmed every request of `sent`: settles what is in memory
+    /// (its appends may be answered now). False if the writer is putting it
+    /// on disk at this moment: ask again later. Then, if
+    /// [`Reader::needs_removal`], [`Reader::remove`] takes it out of the
+    /// store.
+    pub fn confirm(&mut self, sent: &mut Sent) -> bool {
+        if let Origin::Memory { on_disk, .. } = &mut sent.origin {
+            if on_disk.is_none() {
+                match self.store.hot.confirm(sent.seq) {
+                    Confirmed::InMemory => {
+                        self.store
+                            .metrics
+                            .outbox_confirmed_in_memory
+                            .fetch_add(1, Relaxed);
+                        *on_disk = Some(false);
+                    }
+                    Confirmed::OnDisk => *on_disk = Some(true),
+                    Confirmed::Writing => return false,
+                }
+            }
+        }
+        true
+    }
+
+    /// True if the confirmed `sent` is on disk and must be removed.
+    pub fn needs_removal(&self, sent: &Sent) -> bool {
+        matches!(
+            sent.origin,
+            Origin::Disk
+                | Origin::Memory {
+                    on_disk: Some(true),
+                    ..
+                }
+        )
+    }
+
+    /// Removes a confirmed record from the store (the oldest handed out).
+    pub fn remove(&mut self, sent: &Sent) -> Result<(), OutboxError> {
+        match sent.origin {
+            Origin::Disk => self.ack(sent.seq),
+            Origin::Memory {
+                bytes,
+                count,
+                on_disk: Some(true),
+            } => self.store.remove(sent.seq, bytes, count),
+            Origin::Memory { .. } => Ok(()),
+        }
+    }
+
+    /// Kafka confirmed every request of the oldest batch read from disk,
+    /// `seq`: it leaves the outbox.
     pub fn ack(&mut self, seq: u64) -> Result<(), OutboxError> {
         let Some(front) = self.handed_out.front() else {
             return Ok(());

@@ -9,6 +9,7 @@ use smol::channel::{self, Receiver, Sender};
 
 use super::durable;
 use super::generation::{load_generation, open_db, seq_of, Generation};
+use super::hot::Hot;
 use super::marks::{read_mark, write_mark, REMOVED_FILE};
 use super::OutboxError;
 use crate::ops::metrics::Metrics;
@@ -16,6 +17,8 @@ use crate::ops::metrics::Metrics;
 /// A generation is closed to appends at this size on disk (or a quarter of
 /// the cap, if smaller): bounds the memory sled holds per open generation.
 pub(super) const GENERATION_BYTES: u64 = 16 << 20;
+/// sled 0.34's log segment (its default `segment_size`).
+const SLED_SEGMENT_BYTES: u64 = 512 << 10;
 
 /// The store shared by the writer (appends) and the producer (reads and
 /// removes).
@@ -45,6 +48,8 @@ pub struct Store {
     pub(super) removed: Mutex<(Option<std::fs::File>, u64)>,
     /// The same mark, read without the lock: batches below it may be removed.
     pub(super) removal_limit: AtomicU64,
+    /// Records not on disk yet (memory-first mode).
+    pub hot: Hot,
 }
 
 impl Store {
@@ -99,6 +104,7 @@ impl Store {
             doorbell,
             removed: Mutex::new((None, 0)),
             removal_limit: AtomicU64::new(0),
+            hot: Hot::default(),
         };
         store.scan(&firsts)?;
         store.add_generation()?;
@@ -239,9 +245,13 @@ impl Store {
         }
     }
 
-    /// The first flushed batch at or after `seq`.
-    pub(super) fn next_batch(&self, seq: u64) -> Result<Option<(u64, sled::IVec)>, OutboxError> {
-        let end = self.committed.load(SeqCst);
+    /// The first flushed batch at or after `seq` (and below `limit`).
+    pub(super) fn next_batch(
+        &self,
+        seq: u64,
+        limit: Option<u64>,
+    ) -> Result<Option<(u64, sled::IVec)>, OutboxError> {
+        let end = self.committed.load(SeqCst).min(limit.unwrap_or(u64::MAX));
         if seq >= end {
             return Ok(None);
         }
@@ -346,8 +356,9 @@ impl Store {
         Ok(())
     }
 
+    /// Nothing waits for Kafka, on disk or in memory.
     pub fn is_empty(&self) -> bool {
-        self.generations().iter().all(|g| g.is_empty())
+        self.hot.is_empty() && self.generations().iter().all(|g| g.is_empty())
     }
 
     /// Wakes the producer (used to make it notice a stop request).
@@ -370,10 +381,18 @@ impl Store {
         self.disk_measured.load(SeqCst) + self.disk_since.load(SeqCst)
     }
 
+    /// Past half the cap: the estimate between measurements is not enough.
+    pub(super) fn near_cap(&self) -> bool {
+        self.disk_estimate() > self.max_bytes / 2
+    }
+
+    /// True if `incoming` bytes more would take the outbox past its cap.
+    /// On disk, room is kept for one more sled segment: the log grows by
+    /// whole segments, so one write can add that much at once.
     pub(super) fn would_exceed(&self, pending: u64, incoming: u64) -> bool {
         let live = self.live_bytes.load(SeqCst);
         live + pending + incoming > self.max_bytes
-            || self.disk_estimate() + pending + incoming > self.max_bytes
+            || self.disk_estimate() + pending + incoming + SLED_SEGMENT_BYTES > self.max_bytes
     }
 
     /// Closes a large active generation to appends, so that it can be

@@ -67,7 +67,7 @@ fn open(dir: &Path, max: u64) -> (Arc<Store>, Receiver<()>, Arc<Metrics>) {
 fn drain(store: &Store) -> Vec<u128> {
     let mut seq = 0;
     let mut out = Vec::new();
-    while let Some((s, v)) = store.next_batch(seq).unwrap() {
+    while let Some((s, v)) = store.next_batch(seq, None).unwrap() {
         out.extend(ids(&v));
         seq = s + 1;
     }
@@ -79,7 +79,8 @@ fn appends_survive_reopen_in_order_and_removals_stick() {
     let dir = tempfile::tempdir().unwrap();
     {
         let (store, rung, _) = open(dir.path(), 1 << 30);
-        let (appender, writer) = start_writer(store.clone(), Duration::from_millis(1));
+        let (appender, writer) =
+            start_writer(store.clone(), Duration::from_millis(1), Duration::ZERO);
         let task = smol::spawn(writer);
         smol::block_on(async {
             appender.append(batch(&[1, 2])).await.unwrap();
@@ -89,7 +90,7 @@ fn appends_survive_reopen_in_order_and_removals_stick() {
         assert!(rung.try_recv().is_ok(), "producer must be told");
         drop(appender);
         smol::block_on(task);
-        let (seq, v) = store.next_batch(0).unwrap().unwrap();
+        let (seq, v) = store.next_batch(0, None).unwrap().unwrap();
         store.remove(seq, v.len() as u64, 2).unwrap();
         store.flush().unwrap();
     }
@@ -97,7 +98,7 @@ fn appends_survive_reopen_in_order_and_removals_stick() {
     assert_eq!(drain(&store), vec![3, 4]);
     assert_eq!(metrics.outbox_records.load(Relaxed), 2);
     // New appends go after the old ones.
-    let (appender, writer) = start_writer(store.clone(), Duration::ZERO);
+    let (appender, writer) = start_writer(store.clone(), Duration::ZERO, Duration::ZERO);
     let task = smol::spawn(writer);
     smol::block_on(appender.append(batch(&[5]))).unwrap();
     drop(appender);
@@ -109,7 +110,7 @@ fn appends_survive_reopen_in_order_and_removals_stick() {
 fn drained_generations_are_deleted_so_a_full_outbox_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _, metrics) = open(dir.path(), 2 << 20);
-    let (appender, writer) = start_writer(store.clone(), Duration::ZERO);
+    let (appender, writer) = start_writer(store.clone(), Duration::ZERO, Duration::ZERO);
     let task = smol::spawn(writer);
     let big = |id: u128| {
         let mut b = AppendBatch::new();
@@ -138,7 +139,7 @@ fn drained_generations_are_deleted_so_a_full_outbox_recovers() {
             // Deliver everything, as the producer would: every acked
             // id exactly once, in order, across generations.
             let mut seq = 0;
-            while let Some((s, v)) = store.next_batch(seq).unwrap() {
+            while let Some((s, v)) = store.next_batch(seq, None).unwrap() {
                 delivered.extend(ids(&v));
                 store.remove(s, v.len() as u64, 1).unwrap();
                 seq = s + 1;
@@ -163,13 +164,14 @@ fn drained_generations_are_deleted_so_a_full_outbox_recovers() {
 #[test]
 fn cap_refuses_with_full_and_keeps_what_was_stored() {
     let dir = tempfile::tempdir().unwrap();
-    let (store, _, _) = open(dir.path(), 1 << 20);
-    let (appender, writer) = start_writer(store.clone(), Duration::ZERO);
+    // Room is kept on disk for one more sled segment (512 KiB).
+    let (store, _, _) = open(dir.path(), 4 << 20);
+    let (appender, writer) = start_writer(store.clone(), Duration::ZERO, Duration::ZERO);
     let task = smol::spawn(writer);
     let big = |id: u128| {
         let mut b = AppendBatch::new();
         b.push(b"k", &Uuid::from_u128(id), |out| {
-            out.extend(std::iter::repeat_n(b'x', 300 << 10))
+            out.extend(std::iter::repeat_n(b'x', 1 << 20))
         });
         b
     };
@@ -188,7 +190,7 @@ fn cap_refuses_with_full_and_keeps_what_was_stored() {
 fn the_reader_hands_out_in_order_skips_corrupt_batches_and_acks_by_seq() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _, metrics) = open(dir.path(), 1 << 30);
-    let (appender, writer) = start_writer(store.clone(), Duration::ZERO);
+    let (appender, writer) = start_writer(store.clone(), Duration::ZERO, Duration::ZERO);
     let task = smol::spawn(writer);
     smol::block_on(async {
         for id in [1, 2, 3] {
@@ -197,11 +199,11 @@ fn the_reader_hands_out_in_order_skips_corrupt_batches_and_acks_by_seq() {
     });
     // Damage the middle batch in place.
     let db = store.active().db().unwrap();
-    let (middle, _) = store.next_batch(1).unwrap().unwrap();
+    let (middle, _) = store.next_batch(1, None).unwrap().unwrap();
     db.insert(middle.to_be_bytes(), &b"junk"[..]).unwrap();
 
     let mut reader = Reader::new(store.clone());
-    let first = reader.read_next().unwrap().unwrap();
+    let first = reader.read_next(None).unwrap().unwrap();
     assert_eq!(
         first
             .entries()
@@ -209,7 +211,7 @@ fn the_reader_hands_out_in_order_skips_corrupt_batches_and_acks_by_seq() {
             .collect::<Vec<_>>(),
         vec![1]
     );
-    let third = reader.read_next().unwrap().unwrap();
+    let third = reader.read_next(None).unwrap().unwrap();
     assert_eq!(
         third
             .entries()
@@ -217,12 +219,12 @@ fn the_reader_hands_out_in_order_skips_corrupt_batches_and_acks_by_seq() {
             .collect::<Vec<_>>(),
         vec![3]
     );
-    assert!(reader.read_next().unwrap().is_none());
+    assert!(reader.read_next(None).unwrap().is_none());
     assert_eq!(metrics.outbox_corrupt_batches.load(Relaxed), 1);
     // A failed send: read again from the first, then ack both.
     reader.rewind(first.seq);
-    assert_eq!(reader.read_next().unwrap().unwrap().seq, first.seq);
-    assert_eq!(reader.read_next().unwrap().unwrap().seq, third.seq);
+    assert_eq!(reader.read_next(None).unwrap().unwrap().seq, first.seq);
+    assert_eq!(reader.read_next(None).unwrap().unwrap().seq, third.seq);
     reader.ack(first.seq).unwrap();
     reader.ack(third.seq).unwrap();
     assert!(store.is_empty());

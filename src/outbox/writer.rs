@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use smol::channel::{self, Receiver, Sender, TrySendError};
 
+use super::hot::{GroupAck, Spill, Waiter, MEMORY_LIMIT};
 use super::record::{AppendBatch, Batch, HEADER_LEN};
 use super::store::Store;
 use super::{AppendError, OutboxError};
@@ -109,136 +110,301 @@ impl Appender {
 }
 
 /// Starts the group-commit writer; it runs until every [`Appender`] is gone.
+/// With a zero `spill_after` every append is written before its ack; else
+/// appends go to the producer at once (through [`Hot`](super::hot::Hot))
+/// and only what Kafka has not confirmed within `spill_after` is written.
 pub fn start_writer(
     store: Arc<Store>,
     flush_interval: Duration,
+    spill_after: Duration,
 ) -> (Appender, impl std::future::Future<Output = ()>) {
     let (jobs, rx) = channel::bounded(JOB_QUEUE);
-    (Appender { jobs }, run_writer(store, rx, flush_interval))
+    (
+        Appender { jobs },
+        run_writer(store, rx, flush_interval, spill_after),
+    )
 }
 
-pub(super) async fn run_writer(store: Arc<Store>, jobs: Receiver<Job>, flush_interval: Duration) {
-    let mut next_seq = store.committed.load(SeqCst);
-    let mut write_errors = ErrorThrottle::default();
-    let mut retry_at: Option<Instant> = None;
-    let mut last_disk_check = Instant::now();
-    while let Ok(first) = jobs.recv().await {
-        let mut group = vec![first];
-        let mut bytes = group[0].batch.bytes();
-        if !flush_interval.is_zero() {
-            // Gather more requests for this flush, but never past the interval.
-            let deadline = Instant::now() + flush_interval;
-            while bytes < MAX_BATCH_BYTES {
-                let next = smol::future::or(async { jobs.recv().await.ok() }, async {
-                    smol::Timer::at(deadline).await;
-                    None
+/// The writer's state between group commits.
+pub(super) struct Writer {
+    store: Arc<Store>,
+    /// The next seq to give a record.
+    next_seq: u64,
+    /// The seq after the last record written: a record given a seq but
+    /// never written (confirmed first) leaves a gap after it.
+    written_end: u64,
+    errors: ErrorThrottle,
+    retry_at: Option<Instant>,
+    last_disk_check: Instant,
+}
+
+pub(super) async fn run_writer(
+    store: Arc<Store>,
+    jobs: Receiver<Job>,
+    flush_interval: Duration,
+    spill_after: Duration,
+) {
+    let mut w = Writer::new(store.clone());
+    let hot = !spill_after.is_zero();
+    loop {
+        // Appends, or (in memory-first mode) the next record due for the disk.
+        let due = if hot {
+            store.hot.next_due(spill_after)
+        } else {
+            None
+        };
+        let first = match due {
+            None => jobs.recv().await.ok().map(Some),
+            Some(at) => {
+                smol::future::or(async { jobs.recv().await.ok().map(Some) }, async {
+                    smol::Timer::at(at).await;
+                    Some(None)
                 })
-                .await;
-                match next {
-                    Some(job) => {
-                        bytes += job.batch.bytes();
-                        group.push(job);
-                    }
-                    None => break,
+                .await
+            }
+        };
+        let first = match first {
+            None => break, // every appender is gone
+            Some(first) => first,
+        };
+        if let Some(first) = first {
+            let group = gather(first, &jobs, flush_interval).await;
+            // Near the cap, sled's jumps (a new segment, a consolidated node
+            // written whole) matter: measure before every decision.
+            if w.last_disk_check.elapsed() >= DISK_CHECK_EVERY || store.near_cap() {
+                store.measure_disk();
+                w.last_disk_check = Instant::now();
+            }
+            let reserved = if hot { store.hot.bytes() as u64 } else { 0 };
+            let (records, accepted) = pack(&store, group, reserved);
+            if records.is_empty() {
+                continue;
+            }
+            if hot {
+                w.stage(records, accepted);
+            } else {
+                let outcome = w.write_now(records).await;
+                for done in accepted {
+                    let _ = done.try_send(outcome.clone());
                 }
             }
         }
+        if hot {
+            let all = store.hot.bytes() > MEMORY_LIMIT;
+            if all {
+                store.metrics.outbox_memory_full.fetch_add(1, Relaxed);
+            }
+            w.spill(store.hot.take_due(Instant::now(), spill_after, all))
+                .await;
+        }
+    }
+    if hot {
+        // What Kafka has not confirmed yet stays for the next start.
+        w.spill(store.hot.take_due(Instant::now(), spill_after, true))
+            .await;
+    }
+    if let Err(e) = smol::unblock(move || store.flush()).await {
+        log::error!("final outbox flush failed: {e}");
+    }
+}
+
+/// Gathers more appends for one group commit, but never past the interval.
+async fn gather(first: Job, jobs: &Receiver<Job>, flush_interval: Duration) -> Vec<Job> {
+    let mut group = vec![first];
+    let mut bytes = group[0].batch.bytes();
+    if !flush_interval.is_zero() {
+        let deadline = Instant::now() + flush_interval;
         while bytes < MAX_BATCH_BYTES {
-            match jobs.try_recv() {
-                Ok(job) => {
+            let next = smol::future::or(async { jobs.recv().await.ok() }, async {
+                smol::Timer::at(deadline).await;
+                None
+            })
+            .await;
+            match next {
+                Some(job) => {
                     bytes += job.batch.bytes();
                     group.push(job);
                 }
-                Err(_) => break,
+                None => break,
             }
         }
+    }
+    while bytes < MAX_BATCH_BYTES {
+        match jobs.try_recv() {
+            Ok(job) => {
+                bytes += job.batch.bytes();
+                group.push(job);
+            }
+            Err(_) => break,
+        }
+    }
+    group
+}
 
-        if last_disk_check.elapsed() >= DISK_CHECK_EVERY {
-            store.measure_disk();
-            last_disk_check = Instant::now();
-        }
-        // Refuse jobs past the cap; keep the rest in arrival order.
-        let mut records = Vec::new();
-        let mut record = AppendBatch::new();
-        let mut accepted = Vec::with_capacity(group.len());
-        let mut pending = 0u64;
-        for job in group {
-            let size = (job.batch.bytes() - HEADER_LEN) as u64;
-            if store.would_exceed(pending + HEADER_LEN as u64, size) {
-                let _ = job.done.try_send(Err(AppendError::Full));
-                continue;
-            }
-            pending += size;
-            for entry in job.batch.raw_entries() {
-                if !record.is_empty() && record.bytes() + entry.len() > RECORD_BYTES {
-                    records.push(std::mem::take(&mut record).seal());
-                }
-                record.push_raw(entry);
-            }
-            accepted.push(job.done);
-        }
-        if !record.is_empty() {
-            records.push(record.seal());
-        }
-        if records.is_empty() {
+/// Refuses jobs past the cap (`reserved`: bytes accepted and not on disk
+/// yet) and packs the rest, in arrival order, into records of at most
+/// [`RECORD_BYTES`].
+pub(super) fn pack(store: &Store, group: Vec<Job>, reserved: u64) -> (Vec<Vec<u8>>, Vec<Waiter>) {
+    let mut records = Vec::new();
+    let mut record = AppendBatch::new();
+    let mut accepted = Vec::with_capacity(group.len());
+    let mut pending = reserved;
+    for job in group {
+        let size = (job.batch.bytes() - HEADER_LEN) as u64;
+        if store.would_exceed(pending + HEADER_LEN as u64, size) {
+            let _ = job.done.try_send(Err(AppendError::Full));
             continue;
         }
-        let count: u32 = records
-            .iter()
-            .map(|r| Batch::parse(r).map_or(0, |b| b.count))
-            .sum();
-        let len: u64 = records.iter().map(|r| r.len() as u64).sum();
-        let first = next_seq;
-        let batches = records.len() as u64;
-        next_seq += batches;
+        pending += size;
+        for entry in job.batch.raw_entries() {
+            if !record.is_empty() && record.bytes() + entry.len() > RECORD_BYTES {
+                records.push(std::mem::take(&mut record).seal());
+            }
+            record.push_raw(entry);
+        }
+        accepted.push(job.done);
+    }
+    if !record.is_empty() {
+        records.push(record.seal());
+    }
+    (records, accepted)
+}
 
+fn count_of(record: &[u8]) -> u32 {
+    Batch::parse(record).map_or(0, |b| b.count)
+}
+
+impl Writer {
+    pub(super) fn new(store: Arc<Store>) -> Writer {
+        let next_seq = store.committed.load(SeqCst);
+        Writer {
+            store,
+            next_seq,
+            written_end: next_seq,
+            errors: ErrorThrottle::default(),
+            retry_at: None,
+            last_disk_check: Instant::now(),
+        }
+    }
+
+    /// Memory-first: gives the records seqs and hands them to the producer;
+    /// the group is answered once each is confirmed or on disk.
+    pub(super) fn stage(&mut self, records: Vec<Vec<u8>>, accepted: Vec<Waiter>) {
+        let group = GroupAck::new(records.len(), accepted);
+        let first = self.next_seq;
+        self.next_seq += records.len() as u64;
+        let staged = (first..).zip(records).map(|(seq, value)| {
+            let count = count_of(&value);
+            (seq, value, count)
+        });
+        self.store.hot.stage(staged, &group, Instant::now());
+        self.ring();
+    }
+
+    /// Writes the records now, before any of them is answered.
+    async fn write_now(&mut self, records: Vec<Vec<u8>>) -> Result<(), AppendError> {
+        let first = self.next_seq;
+        self.next_seq += records.len() as u64;
+        let records: Vec<(u64, Arc<[u8]>)> = (first..)
+            .zip(records)
+            .map(|(seq, v)| (seq, v.into()))
+            .collect();
+        self.write(records).await
+    }
+
+    /// Memory-first: writes records Kafka has not confirmed in time.
+    pub(super) async fn spill(&mut self, spill: Vec<Spill>) {
+        if !spill.is_empty() {
+            let seqs: Vec<u64> = spill.iter().map(|s| s.seq).collect();
+            let records = spill.into_iter().map(|s| (s.seq, s.value)).collect();
+            let outcome = self.write(records).await;
+            self.store
+                .metrics
+                .outbox_spilled
+                .fetch_add(seqs.len() as u64, Relaxed);
+            self.store.hot.written(&seqs, &outcome);
+        }
+        // Below the first record in memory, everything is on disk or was
+        // confirmed: the producer may read the disk up to there.
+        let committed = self.store.hot.first().unwrap_or(self.next_seq);
+        if committed > self.store.committed.fetch_max(committed, SeqCst) {
+            // Every seq from `committed` on is in memory or not given yet,
+            // so a new generation may start there.
+            self.store.maybe_rotate();
+        }
+        self.ring();
+    }
+
+    fn ring(&self) {
+        if let Err(TrySendError::Closed(_)) = self.store.doorbell.try_send(()) {
+            log::debug!("outbox appended with no producer listening");
+        }
+    }
+
+    /// Inserts `records` (seqs ascending) into the active generation, flushes
+    /// and makes them durable. In disk-first mode `committed` moves past them.
+    async fn write(&mut self, records: Vec<(u64, Arc<[u8]>)>) -> Result<(), AppendError> {
+        let store = self.store.clone();
+        let count: u32 = records.iter().map(|(_, r)| count_of(r)).sum();
+        let len: u64 = records.iter().map(|(_, r)| r.len() as u64).sum();
+        let batches = records.len() as u64;
+        let (first, last) = match (records.first(), records.last()) {
+            (Some(f), Some(l)) => (f.0, l.0),
+            _ => return Ok(()),
+        };
+        // Seqs given but never written (Kafka confirmed them first) must be
+        // below the removal mark, or the next start would count them lost.
+        let gap = first > self.written_end || last - first + 1 != batches;
         let generation = store.active();
         // After a failure, the store is not tried again for a moment: every
         // device would otherwise make the gateway reopen it in a loop.
-        let db = match retry_at.filter(|at| Instant::now() < *at) {
+        let db = match self.retry_at.filter(|at| Instant::now() < *at) {
             Some(_) => Err(None),
             None => generation.db().map_err(Some),
         };
         let db = match db {
             Ok(db) => db,
             Err(e) => {
-                write_errors.refused += u64::from(count);
+                self.errors.refused += u64::from(count);
                 let refusal = match &e {
-                    None => write_errors.last_refusal.clone(),
+                    None => self.errors.last_refusal.clone(),
                     Some(OutboxError::Open { source, .. }) if is_disk_full(source) => {
                         AppendError::Full
                     }
                     Some(other) => AppendError::Store(other.to_string()),
                 };
                 if let Some(e) = e {
-                    write_errors.report(0, &e);
-                    write_errors.last_refusal = refusal.clone();
-                    retry_at = Some(Instant::now() + RETRY_AFTER_WRITE_ERROR);
+                    self.errors.report(0, &e);
+                    self.errors.last_refusal = refusal.clone();
+                    self.retry_at = Some(Instant::now() + RETRY_AFTER_WRITE_ERROR);
                 }
-                store.committed.store(next_seq, SeqCst);
-                for done in accepted {
-                    let _ = done.try_send(Err(refusal.clone()));
-                }
-                continue;
+                self.settle_disk_first(last);
+                return Err(refusal);
             }
         };
         // The handle goes into the blocking closure and dies there: a clone
         // kept here would hold sled's file lock after a rotation closed the
         // generation, and the producer could not open it.
         let marker = generation.clone();
+        let marks = store.clone();
         let result = smol::unblock(move || {
             let written = (|| {
-                for (seq, value) in (first..).zip(records) {
-                    db.insert(seq.to_be_bytes(), value)?;
+                if gap {
+                    marks
+                        .advance_removal_mark(last)
+                        .map_err(|e| sled::Error::Io(std::io::Error::other(e.to_string())))?;
+                }
+                for (seq, value) in &records {
+                    db.insert(seq.to_be_bytes(), &**value)?;
                 }
                 db.flush()?;
                 marker.make_durable()?;
-                marker.mark_flushed(first + batches);
+                marker.mark_flushed(last + 1);
                 Ok::<_, sled::Error>(())
             })();
             if written.is_err() {
                 // The device keeps its copy; do not send one it was not acked.
-                for seq in first..first + batches {
+                for (seq, _) in &records {
                     let _ = db.remove(seq.to_be_bytes());
                 }
             }
@@ -246,10 +412,15 @@ pub(super) async fn run_writer(store: Arc<Store>, jobs: Receiver<Job>, flush_int
         })
         .await;
         store.metrics.outbox_flushes.fetch_add(1, Relaxed);
-        let reply = match result {
+        match result {
             Ok(()) => {
-                write_errors.recovered();
-                retry_at = None;
+                self.errors.recovered();
+                self.retry_at = None;
+                self.written_end = last + 1;
+                // Readable before the records leave memory: the producer
+                // looks for a record in memory first, then on disk below
+                // `committed`, and skips what is in neither.
+                store.committed.fetch_max(last + 1, SeqCst);
                 generation.batches.fetch_add(batches, SeqCst);
                 generation.appended.fetch_add(len, SeqCst);
                 store.live_bytes.fetch_add(len, SeqCst);
@@ -261,38 +432,38 @@ pub(super) async fn run_writer(store: Arc<Store>, jobs: Receiver<Job>, flush_int
                 metrics.outbox_batches.fetch_add(batches as i64, Relaxed);
                 metrics.outbox_records.fetch_add(i64::from(count), Relaxed);
                 metrics.outbox_bytes.fetch_add(len as i64, Relaxed);
-                store.committed.store(next_seq, SeqCst);
-                // Only now: a new generation starts at `committed`, so every
-                // seq of this group must be below it.
-                store.maybe_rotate();
-                if let Err(TrySendError::Closed(_)) = store.doorbell.try_send(()) {
-                    log::debug!("outbox appended with no producer listening");
-                }
+                self.settle_disk_first(last);
+                self.ring();
                 Ok(())
             }
             Err(e) => {
                 store.metrics.outbox_write_errors.fetch_add(1, Relaxed);
-                write_errors.report(count, &e);
-                store.committed.store(next_seq, SeqCst);
+                self.errors.report(count, &e);
+                self.settle_disk_first(last);
                 // sled keeps failing with its first I/O error for the rest of
                 // the life of that handle, even once the disk has room again:
                 // drop it, so the next append (or read) opens it afresh.
                 generation.reset();
-                retry_at = Some(Instant::now() + RETRY_AFTER_WRITE_ERROR);
+                self.retry_at = Some(Instant::now() + RETRY_AFTER_WRITE_ERROR);
                 let refusal = if is_disk_full(&e) {
                     AppendError::Full
                 } else {
                     AppendError::Store(e.to_string())
                 };
-                write_errors.last_refusal = refusal.clone();
+                self.errors.last_refusal = refusal.clone();
                 Err(refusal)
             }
-        };
-        for done in accepted {
-            let _ = done.try_send(reply.clone());
         }
     }
-    if let Err(e) = smol::unblock(move || store.flush()).await {
-        log::error!("final outbox flush failed: {e}");
+
+    /// Disk-first: the producer may read up to `last` (a failed write left
+    /// nothing there to read), and a new generation may start after it.
+    fn settle_disk_first(&self, last: u64) {
+        if self.store.hot.is_empty() {
+            self.store.committed.fetch_max(last + 1, SeqCst);
+            // Only now: a new generation starts at `committed`, so every
+            // seq written must be below it.
+            self.store.maybe_rotate();
+        }
     }
 }

@@ -480,6 +480,11 @@ impl Gateway {
             .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
             // Quick group joins on tansu (it takes about half the session timeout).
             .env("EDGEGATE_KAFKA_DRAIN_TIMEOUT_SECS", "5")
+            // The suites run in both outbox modes: CI sets 0 for a second pass.
+            .env(
+                "EDGEGATE_OUTBOX_SPILL_AFTER_MS",
+                std::env::var("EDGEGATE_TEST_SPILL_AFTER_MS").unwrap_or_else(|_| "50".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log);
         for (k, v) in &self.opts_env {

@@ -15,7 +15,8 @@ fn an_idle_connection_task_stays_small() {
     let metrics = Arc::new(Metrics::default());
     let (store, _bell) =
         crate::outbox::Store::open(&dir.path().join("outbox"), 1 << 30, metrics.clone()).unwrap();
-    let (appender, _writer) = crate::outbox::start_writer(store, Duration::from_millis(2));
+    let (appender, _writer) =
+        crate::outbox::start_writer(store, Duration::from_millis(2), Duration::ZERO);
     let auth = AuthConfig {
         mode: AuthMode::None,
         token_key_file: None,
