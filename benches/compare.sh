@@ -38,13 +38,13 @@ broker=127.0.0.1:21592
   --storage-engine memory://tansu/ >tansu.log 2>&1) &
 echo $! >>"$work/pids"
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/${broker%:*}/${broker#*:}") 2>/dev/null && break; sleep 0.1; done
-for t in cmp_raw cmp_a cmp_b; do
+for t in cmp_raw cmp_a cmp_b cmp_down; do
   tansu topic create "$t" --broker "tcp://$broker" --partitions 3 >/dev/null
 done
 
 wait_http() { for _ in $(seq 400); do curl -sf "http://$1/$2" >/dev/null && return 0; sleep 0.025; done; return 1; }
 gateway() { # BIN NAME LISTEN ADMIN TOPIC [CONFIG]
-  env EDGEGATE_KAFKA_PRODUCER_TOPIC="$5" EDGEGATE_KAFKA_CONSUMER_TOPICS=cmp_raw RUST_LOG=warn \
+  env EDGEGATE_KAFKA_PRODUCER_TOPIC="$5" EDGEGATE_KAFKA_CONSUMER_TOPICS=cmp_down RUST_LOG=warn \
     "$1" --brokers "$broker" --listen "$3" --admin-listen "$4" --data-dir "$work/$2" \
     ${6:+--config "$6"} >"$work/$2.log" 2>&1 &
   local pid=$!
@@ -85,11 +85,14 @@ for side in A B; do
   written=$(awk '/^write_bytes/{print $2}' "/proc/$pid/io")
   admin=127.0.0.1:21680; [ "$side" = B ] && admin=127.0.0.1:21681
   sleep 1.2 # librdkafka's statistics come once a second
-  tx=$(curl -sf "http://$admin/metrics" | awk '/^edgegate_kafka_tx_bytes_total /{print $2}')
+  metrics=$(curl -sf "http://$admin/metrics" || true)
+  tx=$(awk '/^edgegate_kafka_tx_bytes_total /{print $2}' <<<"$metrics")
   wire=-; [ -n "$tx" ] && wire=$(( tx / (rounds * 400000) ))
+  spilled=$(awk '/^edgegate_outbox_spilled_total /{print $2}' <<<"$metrics")
+  in_memory=$(awk '/^edgegate_outbox_confirmed_in_memory_total /{print $2}' <<<"$metrics")
   rate=$(field "$side" msgs_per_sec)
   missing=$(grep "^$side " "$work/lines" | tr ' ' '\n' | sed -n 's/^missing=//p' | paste -sd+ | bc)
-  idle=$(grep "^$side-idle " "$work/lines" | tr ' ' '\n' | sed -n 's/^bytes_per_connection=//p')
-  echo "$side: median msgs_per_sec=$rate ratio_to_raw=$(awk "BEGIN{printf \"%.3f\", $rate / $raw}") p50_ms=$(field "$side" p50_ms) p99_ms=$(field "$side" p99_ms) missing=$missing disk_bytes_per_request=$(( written / (rounds * 400000) )) kafka_bytes_per_request=$wire idle_bytes_per_connection=${idle:--}"
+  idle=$( (grep "^$side-idle " "$work/lines" || true) | tr ' ' '\n' | sed -n 's/^bytes_per_connection=//p')
+  echo "$side: median msgs_per_sec=$rate ratio_to_raw=$(awk "BEGIN{printf \"%.3f\", $rate / $raw}") p50_ms=$(field "$side" p50_ms) p99_ms=$(field "$side" p99_ms) missing=$missing disk_bytes_per_request=$(( written / (rounds * 400000) )) kafka_bytes_per_request=$wire records_spilled=${spilled:--} records_confirmed_in_memory=${in_memory:--} idle_bytes_per_connection=${idle:--}"
 done
 echo "raw: median msgs_per_sec=$raw; A=$bin_a B=$bin_b; $rounds rounds"

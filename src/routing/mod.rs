@@ -203,7 +203,14 @@ pub struct Router {
     binds_on_connect_response: bool,
     metrics: Arc<Metrics>,
     tables: Mutex<Tables>,
+    /// When a skipped record was last logged, and how many were skipped
+    /// since: a worker writing garbage must not fill the hub's flash with
+    /// log lines.
+    skipped_log: Mutex<(Option<Instant>, u64)>,
 }
+
+/// At most one log line per this long about skipped downlink records.
+const SKIPPED_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl Router {
     pub fn new(server_id: String, max_pending: usize, metrics: Arc<Metrics>) -> Self {
@@ -213,6 +220,7 @@ impl Router {
             binds_on_connect_response: true,
             metrics,
             tables: Mutex::new(Tables::default()),
+            skipped_log: Mutex::new((None, 0)),
         }
     }
 
@@ -296,6 +304,22 @@ impl Router {
         }
     }
 
+    fn log_skipped(&self, e: &dyn std::fmt::Display) {
+        let mut last = self.skipped_log.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match last.0 {
+            Some(at) if now.duration_since(at) < SKIPPED_LOG_EVERY => last.1 += 1,
+            _ => {
+                let more = match last.1 {
+                    0 => String::new(),
+                    n => format!(" ({n} more skipped since the last line)"),
+                };
+                log::warn!("skipping a downlink record: {e}{more}");
+                *last = (Some(now), 0);
+            }
+        }
+    }
+
     /// Routes one record from a consumer topic (PROTOCOL 2.2).
     pub fn route(&self, payload: &[u8]) -> Routed {
         self.metrics.downlink_received.fetch_add(1, Relaxed);
@@ -303,7 +327,7 @@ impl Router {
             Ok(r) => r,
             Err(e) => {
                 self.metrics.downlink_malformed.fetch_add(1, Relaxed);
-                log::warn!("skipping a downlink record: {e}");
+                self.log_skipped(&e);
                 return Routed::Malformed;
             }
         };
