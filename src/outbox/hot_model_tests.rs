@@ -157,7 +157,8 @@ fn confirm_front(g: &mut Gateway, m: &mut Model) -> Result<bool, TestCaseError> 
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    // A failing case is printed, not saved beside the sources.
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn acked_requests_survive_any_order_of_confirmations_spills_and_crashes(

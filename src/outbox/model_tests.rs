@@ -74,7 +74,8 @@ fn replay(store: &Store) -> Vec<u128> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+    // A failing case is printed, not saved beside the sources.
+    #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn outbox_agrees_with_a_queue_of_acked_ids(ops in proptest::collection::vec(op(), 1..40)) {

@@ -224,6 +224,8 @@ mod tests {
     }
 
     proptest::proptest! {
+        // A failing case is printed, not saved beside the sources.
+        #![proptest_config(proptest::prelude::ProptestConfig { failure_persistence: None, ..Default::default() })]
         /// Damaged certificates and random bytes never panic the reader.
         #[test]
         fn common_name_reader_is_total(

@@ -17,6 +17,8 @@ fn request(line: &str) -> Request<'_> {
 }
 
 proptest::proptest! {
+    // A failing case is printed, not saved beside the sources.
+    #![proptest_config(proptest::prelude::ProptestConfig { failure_persistence: None, ..Default::default() })]
     /// Any auth frame the parser accepts gives back exactly its claim,
     /// and damaged frames never panic (they are refused or parsed).
     #[test]
