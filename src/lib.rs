@@ -6,8 +6,10 @@
 //! Uplink: device socket → `device::listener` (accept) →
 //! `device::connection` (one task per connection: `wire::frame` splits lines,
 //! `wire::protocol` parses and checks them and builds the envelope) →
-//! `outbox` (group commit, fsynced, then the ack) → `kafka::producer` →
-//! Kafka. Downlink: Kafka → `kafka::consumer` → `routing` (by clientId or
+//! `outbox` (group commit; the record waits in memory and goes to the
+//! producer at once, and the ack comes when Kafka confirms it or, if that
+//! takes longer than `outbox.spill_after_ms`, once it is fsynced) →
+//! `kafka::producer` → Kafka. Downlink: Kafka → `kafka::consumer` → `routing` (by clientId or
 //! deviceUid, or held for a device that is away) → the connection's mailbox
 //! → `device::connection` → device socket.
 //!
@@ -16,7 +18,8 @@
 //! - `wire/`: bytes in, values out; imports nothing of the crate.
 //! - `config/`: the settings, from file, environment and flags; imports
 //!   nothing of the crate.
-//! - `outbox/`: the durable queue; knows no sockets and no Kafka.
+//! - `outbox/`: the durable queue, in memory and on disk; knows no sockets
+//!   and no Kafka.
 //! - `device/`, `kafka/`, `routing/`, `security/`, `ops/`: one side each.
 //! - `app`: the only place that wires the sides together.
 //!
