@@ -75,11 +75,11 @@ fn parse_args() -> Result<Option<(Command, Flags)>, lexopt::Error> {
                 });
             }
             Long("help") | Short('h') => {
-                print!("{}", usage());
+                out(&usage());
                 return Ok(None);
             }
             Long("version") | Short('V') => {
-                println!("edgegate {}", env!("CARGO_PKG_VERSION"));
+                out(&format!("edgegate {}\n", env!("CARGO_PKG_VERSION")));
                 return Ok(None);
             }
             Long("config") => flags.config = Some(parser.value()?.into()),
@@ -122,13 +122,28 @@ fn print_token(device_uid: &str, key_file: &std::path::Path) -> ExitCode {
         return ExitCode::from(2);
     }
     match auth::TokenKey::load(key_file) {
-        Ok(key) => {
-            println!("{}", key.token_for(device_uid));
-            ExitCode::SUCCESS
-        }
+        Ok(key) => out(&format!("{}\n", key.token_for(device_uid))),
         Err(e) => {
             eprintln!("edgegate token: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes to stdout. A reader that went away (`edgegate token ... | head
+/// -c 10`) is not an error of ours: no panic, status 0; any other write
+/// error is reported, status 74 (EX_IOERR).
+fn out(text: &str) -> ExitCode {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgegate: cannot write to standard output: {e}");
+            ExitCode::from(74)
         }
     }
 }
@@ -196,10 +211,7 @@ fn main() -> ExitCode {
     match command {
         Command::CheckConfig => match app::Checked::new(config) {
             // The files the settings name are read and checked too, as at start.
-            Ok(checked) => {
-                print!("{}", checked.config().describe());
-                ExitCode::SUCCESS
-            }
+            Ok(checked) => out(&checked.config().describe()),
             Err(e) => {
                 log::error!("configuration refused: {e}");
                 ExitCode::from(78)

@@ -21,6 +21,7 @@ use crate::device::dispatch::{self, AuthState, Decision, Session};
 use crate::device::transport::{Ready, Transport};
 use crate::device::turn::{self, error, refuse, Closed, Reply, Work};
 use crate::device::{handshake, Shared};
+use crate::ops::logging::escaped;
 use crate::ops::metrics::AuthFailure;
 
 use crate::routing::{Downlink, Mailbox};
@@ -363,7 +364,10 @@ impl Connection {
                         mailbox.clone(),
                         &device,
                     );
-                    log::debug!("connection {client_id} from {peer} authenticated as {device}");
+                    log::debug!(
+                        "connection {client_id} from {peer} authenticated as {}",
+                        escaped(&device)
+                    );
                     *bound = Some(device);
                     *auth = AuthState::Done;
                     shared.metrics.auth_ok.fetch_add(1, Relaxed);

@@ -13,6 +13,7 @@ use smol::{Async, Timer};
 use crate::config::AuthMode;
 use crate::device::transport::{SharedSocket, Transport};
 use crate::device::Shared;
+use crate::ops::logging::escaped;
 use crate::ops::metrics::{AuthFailure, HandshakeError};
 use crate::security::auth::REVOKED;
 use crate::security::tls;
@@ -65,7 +66,7 @@ pub async fn handshake(
     };
     let mut transport = Transport::tls(stream);
     if shared.gate.revoked.is_revoked(&device) {
-        log::info!("refusing {peer}: device {device} is revoked");
+        log::info!("refusing {peer}: device {} is revoked", escaped(&device));
         metrics.auth_failure(AuthFailure::Revoked);
         shared.gate.damper.failure(peer.ip());
         shared.metrics.error(ErrorCode::Unauthorized);

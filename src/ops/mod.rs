@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod device_cli;
+pub mod logging;
 pub mod metrics;
 pub mod signals;
 pub mod systemd;

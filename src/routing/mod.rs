@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use smol::Async;
 use uuid::Uuid;
 
+use crate::ops::logging::escaped;
 use crate::ops::metrics::Metrics;
 use crate::wire::protocol::{parse_server_response, ServerResponse};
 
@@ -280,7 +281,10 @@ impl Router {
         let Some(conn) = t.devices.get(device).and_then(|c| t.clients.get(c)) else {
             return false;
         };
-        log::warn!("device {device} is revoked: closing its connection");
+        log::warn!(
+            "device {} is revoked: closing its connection",
+            escaped(device)
+        );
         self.metrics.auth_revoked_closed.fetch_add(1, Relaxed);
         let _ = conn.socket.get_ref().shutdown(Shutdown::Both);
         true
@@ -327,7 +331,8 @@ impl Router {
             Ok(r) => r,
             Err(e) => {
                 self.metrics.downlink_malformed.fetch_add(1, Relaxed);
-                self.log_skipped(&e);
+                // serde's message may quote the record's own text.
+                self.log_skipped(&escaped(&e.to_string()));
                 return Routed::Malformed;
             }
         };
@@ -428,7 +433,10 @@ impl Router {
             if old != client {
                 if let Some(conn) = t.clients.get_mut(&old) {
                     conn.device = None;
-                    log::info!("device {device} moved to connection {client}; closing {old}");
+                    log::info!(
+                        "device {} moved to connection {client}; closing {old}",
+                        escaped(&device)
+                    );
                     self.metrics.connections_taken_over.fetch_add(1, Relaxed);
                     let _ = conn.socket.get_ref().shutdown(Shutdown::Both);
                 }
