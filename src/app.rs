@@ -201,6 +201,11 @@ pub fn start(checked: Checked) -> Result<Running, AppError> {
             .map_err(AppError::Threads)?;
     }
 
+    store.set_compression(if config.outbox.compress {
+        outbox::Compression::Zstd
+    } else {
+        outbox::Compression::None
+    });
     let (appender, writer) = outbox::start_writer(
         store.clone(),
         config.outbox.flush_interval,

@@ -245,7 +245,12 @@ fn a_stalled_or_flooding_connection_does_not_delay_others() {
 
 #[test]
 fn outbox_cap_refuses_with_outbox_full_and_keeps_the_connection() {
-    let gw = Gateway::start(GatewayOptions::offline().env("EDGEGATE_OUTBOX_MAX_BYTES", 1 << 20));
+    // Stored as sent, so that these padded requests fill the cap.
+    let gw = Gateway::start(
+        GatewayOptions::offline()
+            .env("EDGEGATE_OUTBOX_MAX_BYTES", 1 << 20)
+            .env("EDGEGATE_OUTBOX_COMPRESSION", "none"),
+    );
     let mut d = gw.device();
     let data = "y".repeat(60_000);
     let mut acked = 0;

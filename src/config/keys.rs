@@ -219,6 +219,15 @@ pub const KEYS: &[Key] = &[
         flag: None,
         help: "a request Kafka has not confirmed within this many ms is written to the outbox (and acked then); 0: every request is written before its ack",
     },
+    // PROTOCOL 3: what reaches the disk is compressed; records written by
+    // any setting (and by 0.1.0, uncompressed) are read.
+    Key {
+        name: "outbox.compression",
+        kind: Kind::Choice(&["zstd", "none"]),
+        default: "zstd",
+        flag: None,
+        help: "how records written to the outbox are compressed: zstd or none",
+    },
     // Enough for thousands of refused requests; bounded so that a device
     // sending nothing but refused requests cannot fill the disk.
     Key {

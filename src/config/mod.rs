@@ -117,6 +117,8 @@ pub struct OutboxConfig {
     pub max_bytes: u64,
     pub flush_interval: Duration,
     pub spill_after: Duration,
+    /// Records on disk compressed with zstd (else stored as they are).
+    pub compress: bool,
     pub quarantine_max_bytes: u64,
 }
 
@@ -247,6 +249,7 @@ fn build(layers: &Layers<'_>) -> Result<Config, ConfigError> {
         max_bytes: layers.number("outbox.max_bytes")?,
         flush_interval: Duration::from_millis(layers.number("outbox.flush_interval_ms")?),
         spill_after: Duration::from_millis(layers.number("outbox.spill_after_ms")?),
+        compress: layers.choice("outbox.compression")? == "zstd",
         quarantine_max_bytes: layers.number("outbox.quarantine_max_bytes")?,
     };
     let admin = AdminConfig {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::durable;
 use super::marks::{read_mark, write_mark, FLUSHED_FILE};
-use super::record::Batch;
+use super::record::stored_count;
 use super::OutboxError;
 use crate::ops::metrics::Metrics;
 
@@ -200,8 +200,8 @@ pub(super) fn load_generation(
             stats.bytes += value.len() as u64;
             // A batch that fails its checksum is counted and skipped when
             // the producer reaches it.
-            if let Ok(batch) = Batch::parse(&value) {
-                stats.records += i64::from(batch.count);
+            if let Some(count) = stored_count(&value) {
+                stats.records += i64::from(count);
             }
         }
         Ok((db, stats))

@@ -80,7 +80,9 @@ fn on_disk(store: &Store) -> Vec<u128> {
     let mut seq = 0;
     let mut out = Vec::new();
     while let Some((s, v)) = store.next_batch(seq, None).unwrap() {
-        out.extend(ids_of(&Batch::parse(&v).unwrap()));
+        out.extend(ids_of(
+            &Batch::parse(&record::from_disk(&v).unwrap()).unwrap(),
+        ));
         seq = s + 1;
     }
     out

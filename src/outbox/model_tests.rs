@@ -66,7 +66,8 @@ fn replay(store: &Store) -> Vec<u128> {
     let mut seq = 0;
     let mut out = Vec::new();
     while let Some((s, v)) = store.next_batch(seq, None).unwrap() {
-        let batch = Batch::parse(&v).expect("no corruption in this test");
+        let record = record::from_disk(&v).unwrap();
+        let batch = Batch::parse(&record).expect("no corruption in this test");
         out.extend(batch.entries().map(|e| e.message_id.as_u128()));
         seq = s + 1;
     }
@@ -104,11 +105,12 @@ proptest! {
                     let store = &running.store;
                     for _ in 0..batches {
                         let Some((seq, value)) = store.next_batch(0, None).unwrap() else { break };
-                        let batch = Batch::parse(&value).unwrap();
+                        let record = record::from_disk(&value).unwrap();
+                        let batch = Batch::parse(&record).unwrap();
                         for entry in batch.entries() {
                             prop_assert_eq!(Some(entry.message_id.as_u128()), model.pop_front(), "replay order");
                         }
-                        store.remove(seq, value.len() as u64, batch.count).unwrap();
+                        store.remove(seq, batch.count).unwrap();
                     }
                 }
                 Op::Reopen => {

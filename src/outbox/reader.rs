@@ -5,19 +5,37 @@
 //! counted and removed here, and a confirmation needs only the handle the
 //! reader gave. No sled type leaves the outbox.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use super::hot::Confirmed;
-use super::record::{Batch, Entry};
+use super::record::{from_disk, Batch, Entry};
 use super::store::Store;
 use super::OutboxError;
 
-/// A stored batch, verified, with the requests in it.
+/// A stored batch, verified (and decompressed), with the requests in it.
 pub struct StoredBatch {
     pub seq: u64,
-    value: sled::IVec,
+    value: Stored,
+}
+
+/// A record as read: sled's bytes when stored uncompressed, else its
+/// decompressed copy.
+enum Stored {
+    Sled(sled::IVec),
+    Decoded(Vec<u8>),
+}
+
+impl std::ops::Deref for Stored {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Stored::Sled(v) => v,
+            Stored::Decoded(v) => v,
+        }
+    }
 }
 
 impl StoredBatch {
@@ -58,8 +76,7 @@ impl Outgoing {
     /// What the producer keeps while the record is in flight.
     pub fn sent(&self) -> Sent {
         let origin = match self {
-            Outgoing::Memory(_, value) => Origin::Memory {
-                bytes: value.len() as u64,
+            Outgoing::Memory(..) => Origin::Memory {
                 count: self.batch().count,
                 on_disk: None,
             },
@@ -84,7 +101,6 @@ enum Origin {
     Disk,
     /// Sent from memory; `on_disk` once its confirmation was settled.
     Memory {
-        bytes: u64,
         count: u32,
         on_disk: Option<bool>,
     },
@@ -93,7 +109,6 @@ enum Origin {
 /// What an ack needs to know of a batch it removes.
 struct HandedOut {
     seq: u64,
-    bytes: u64,
     count: u32,
 }
 
@@ -123,13 +138,14 @@ impl Reader {
                 return Ok(None);
             };
             self.cursor = seq + 1;
-            match Batch::parse(&value) {
-                Ok(batch) => {
-                    self.handed_out.push_back(HandedOut {
-                        seq,
-                        bytes: value.len() as u64,
-                        count: batch.count,
-                    });
+            let decoded = match from_disk(&value) {
+                Ok(Cow::Borrowed(_)) => Ok(Stored::Sled(value)),
+                Ok(Cow::Owned(record)) => Ok(Stored::Decoded(record)),
+                Err(e) => Err(e),
+            };
+            match decoded.and_then(|v| Batch::parse(&v).map(|b| b.count).map(|c| (v, c))) {
+                Ok((value, count)) => {
+                    self.handed_out.push_back(HandedOut { seq, count });
                     return Ok(Some(StoredBatch { seq, value }));
                 }
                 Err(e) => {
@@ -139,7 +155,7 @@ impl Reader {
                         .outbox_corrupt_batches
                         .fetch_add(1, Relaxed);
                     // Its record count is unknown; the gauge is re-counted on start.
-                    if let Err(e) = self.store.remove(seq, value.len() as u64, 0) {
+                    if let Err(e) = self.store.remove(seq, 0) {
                         log::error!("removing corrupt outbox batch {seq} failed: {e}");
                     }
                 }
@@ -240,10 +256,9 @@ impl Reader {
         match sent.origin {
             Origin::Disk => self.ack(sent.seq),
             Origin::Memory {
-                bytes,
                 count,
                 on_disk: Some(true),
-            } => self.store.remove(sent.seq, bytes, count),
+            } => self.store.remove(sent.seq, count),
             Origin::Memory { .. } => Ok(()),
         }
     }
@@ -255,7 +270,7 @@ impl Reader {
             return Ok(());
         };
         debug_assert_eq!(front.seq, seq, "acks come in seq order");
-        self.store.remove(seq, front.bytes, front.count)?;
+        self.store.remove(seq, front.count)?;
         self.handed_out.pop_front();
         Ok(())
     }

@@ -11,6 +11,7 @@ use super::durable;
 use super::generation::{load_generation, open_db, seq_of, Generation};
 use super::hot::Hot;
 use super::marks::{read_mark, write_mark, REMOVED_FILE};
+use super::record::Compression;
 use super::OutboxError;
 use crate::ops::metrics::Metrics;
 
@@ -50,6 +51,8 @@ pub struct Store {
     pub(super) removal_limit: AtomicU64,
     /// Records not on disk yet (memory-first mode).
     pub hot: Hot,
+    /// How records are written (`outbox.compression`); both are read.
+    compression: Mutex<Compression>,
 }
 
 impl Store {
@@ -105,6 +108,7 @@ impl Store {
             removed: Mutex::new((None, 0)),
             removal_limit: AtomicU64::new(0),
             hot: Hot::default(),
+            compression: Mutex::new(Compression::Zstd),
         };
         store.scan(&firsts)?;
         store.add_generation()?;
@@ -275,8 +279,18 @@ impl Store {
         Ok(None)
     }
 
+    /// How records are written from now on.
+    pub fn set_compression(&self, compression: Compression) {
+        *self.compression.lock().unwrap_or_else(|p| p.into_inner()) = compression;
+    }
+
+    pub(super) fn compression(&self) -> Compression {
+        *self.compression.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Removes a batch whose requests Kafka confirmed (or a corrupt one).
-    pub(super) fn remove(&self, seq: u64, bytes: u64, records: u32) -> Result<(), OutboxError> {
+    /// Its size is what it takes on disk, as found there.
+    pub(super) fn remove(&self, seq: u64, records: u32) -> Result<(), OutboxError> {
         let generations = self.generations();
         let Some(generation) = generations.iter().rev().find(|g| g.first_seq <= seq) else {
             return Ok(());
@@ -289,9 +303,10 @@ impl Store {
             // the fallback (a corrupt batch skipped, say).
             self.advance_removal_mark(seq + 1)?;
         }
-        if generation.db()?.remove(seq.to_be_bytes())?.is_none() {
+        let Some(removed) = generation.db()?.remove(seq.to_be_bytes())? else {
             return Ok(()); // already gone
-        }
+        };
+        let bytes = removed.len() as u64;
         generation.batches.fetch_sub(1, SeqCst);
         self.live_bytes.fetch_sub(bytes, SeqCst);
         self.metrics.outbox_batches.fetch_sub(1, Relaxed);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use smol::channel::{self, Receiver, Sender, TrySendError};
 
 use super::hot::{GroupAck, Spill, Waiter, MEMORY_LIMIT};
-use super::record::{AppendBatch, Batch, HEADER_LEN};
+use super::record::{for_disk, AppendBatch, Batch, HEADER_LEN};
 use super::store::Store;
 use super::{AppendError, OutboxError};
 
@@ -346,8 +346,8 @@ impl Writer {
     async fn write(&mut self, records: Vec<(u64, Arc<[u8]>)>) -> Result<(), AppendError> {
         let store = self.store.clone();
         let count: u32 = records.iter().map(|(_, r)| count_of(r)).sum();
-        let len: u64 = records.iter().map(|(_, r)| r.len() as u64).sum();
         let batches = records.len() as u64;
+        let compression = store.compression();
         let (first, last) = match (records.first(), records.last()) {
             (Some(f), Some(l)) => (f.0, l.0),
             _ => return Ok(()),
@@ -387,7 +387,9 @@ impl Writer {
         // generation, and the producer could not open it.
         let marker = generation.clone();
         let marks = store.clone();
+        // Compressed here, off the executor; what the disk holds is counted.
         let result = smol::unblock(move || {
+            let mut stored = 0u64;
             let written = (|| {
                 if gap {
                     marks
@@ -395,12 +397,14 @@ impl Writer {
                         .map_err(|e| sled::Error::Io(std::io::Error::other(e.to_string())))?;
                 }
                 for (seq, value) in &records {
-                    db.insert(seq.to_be_bytes(), &**value)?;
+                    let value = for_disk(value, compression);
+                    stored += value.len() as u64;
+                    db.insert(seq.to_be_bytes(), &*value)?;
                 }
                 db.flush()?;
                 marker.make_durable()?;
                 marker.mark_flushed(last + 1);
-                Ok::<_, sled::Error>(())
+                Ok::<_, sled::Error>(stored)
             })();
             if written.is_err() {
                 // The device keeps its copy; do not send one it was not acked.
@@ -413,7 +417,7 @@ impl Writer {
         .await;
         store.metrics.outbox_flushes.fetch_add(1, Relaxed);
         match result {
-            Ok(()) => {
+            Ok(len) => {
                 self.errors.recovered();
                 self.retry_at = None;
                 self.written_end = last + 1;
