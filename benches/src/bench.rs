@@ -301,6 +301,8 @@ struct ConnResult {
     latencies_us: Vec<u32>,
     acked: Vec<String>,
     errors: u64,
+    /// Bytes of the frames sent, newlines included.
+    sent_bytes: u64,
 }
 
 fn uplink(o: &Options) -> Result<(), BenchError> {
@@ -331,6 +333,7 @@ fn uplink(o: &Options) -> Result<(), BenchError> {
     let mut latencies = Vec::new();
     let mut acked = Vec::new();
     let mut errors = 0;
+    let mut sent_bytes = 0;
     for t in threads {
         let r = t
             .join()
@@ -338,6 +341,7 @@ fn uplink(o: &Options) -> Result<(), BenchError> {
         latencies.extend(r.latencies_us);
         acked.extend(r.acked);
         errors += r.errors;
+        sent_bytes += r.sent_bytes;
     }
     let secs = start.elapsed().as_secs_f64();
     let client_cpu = cpu_secs(std::process::id())
@@ -353,7 +357,7 @@ fn uplink(o: &Options) -> Result<(), BenchError> {
         String::new()
     };
     println!(
-        "mode=uplink connections={} window={} size={} acked={} errors={errors} seconds={secs:.3} msgs_per_sec={:.0} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2} client_cpu_secs={:.2}{verified}",
+        "mode=uplink connections={} window={} size={} acked={} errors={errors} sent_bytes={sent_bytes} seconds={secs:.3} msgs_per_sec={:.0} p50_ms={:.2} p99_ms={:.2} p999_ms={:.2} client_cpu_secs={:.2}{verified}",
         o.connections,
         o.window,
         if o.telemetry { "telemetry".to_owned() } else { o.size.to_string() },
@@ -386,6 +390,7 @@ fn drive(
         latencies_us: Vec::with_capacity(count as usize),
         acked: Vec::with_capacity(count as usize),
         errors: 0,
+        sent_bytes: 0,
     };
     let mut next = 0u64;
     let mut out = String::new();
@@ -400,6 +405,7 @@ fn drive(
         }
         if !out.is_empty() {
             writer.write_all(out.as_bytes())?;
+            result.sent_bytes += out.len() as u64;
         }
         // Take every reply already buffered before refilling the window, so
         // the client costs one write per burst, not one per reply.

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# What an outage costs the hub: a gateway whose Kafka is unreachable takes
+# MESSAGES realistic telemetry requests (edgegate-bench --payload telemetry,
+# 50 connections), once per outbox.compression setting. Prints, per request:
+# the bytes devices sent, the bytes the gateway process wrote to disk
+# (write_bytes in /proc/PID/io: flash wear), the outbox's live bytes and
+# its size on disk; and how many such requests a GiB of outbox holds.
+#   benches/outage.sh [BIN] [MESSAGES]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=$(realpath "${1:-target/release/edgegate}") messages="${2:-200000}"
+bench="${BENCH:-}"
+if [ -z "$bench" ]; then
+  cargo build --release --locked -p edgegate-bench >&2
+  bench="$PWD/target/release/edgegate-bench"
+fi
+work=$(mktemp -d "${DATA_ROOT:-${TMPDIR:-/tmp}}/outage.XXXXXX")
+pid=
+cleanup() { [ -z "$pid" ] || kill "$pid" 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+ulimit -n "$(ulimit -Hn)"
+metric() { curl -sf "http://127.0.0.1:21781/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
+for compression in zstd none; do
+  env RUST_LOG=warn EDGEGATE_OUTBOX_COMPRESSION="$compression" \
+    "$bin" --brokers 127.0.0.1:1 --listen 127.0.0.1:21700 --admin-listen 127.0.0.1:21781 \
+    --data-dir "$work/$compression" >"$work/$compression.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 400); do curl -sf http://127.0.0.1:21781/readyz >/dev/null && break; sleep 0.025; done
+  line=$("$bench" uplink --gateway 127.0.0.1:21700 --connections 50 --window 64 \
+    --messages "$messages" --payload telemetry --no-verify 2>/dev/null)
+  acked=$(tr ' ' '\n' <<<"$line" | sed -n 's/^acked=//p')
+  sent=$(tr ' ' '\n' <<<"$line" | sed -n 's/^sent_bytes=//p')
+  rate=$(tr ' ' '\n' <<<"$line" | sed -n 's/^msgs_per_sec=//p')
+  written=$(awk '/^write_bytes/{print $2}' "/proc/$pid/io")
+  live=$(metric edgegate_outbox_bytes)
+  disk=$(metric edgegate_outbox_disk_bytes)
+  records=$(metric edgegate_outbox_records)
+  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+  echo "compression=$compression acked=$acked stored=$records msgs_per_sec=$rate" \
+    "sent_per_request=$(( sent / acked )) written_per_request=$(( written / acked ))" \
+    "outbox_live_per_request=$(( live / acked )) outbox_disk_per_request=$(( disk / acked ))" \
+    "requests_per_gib=$(( (1 << 30) * acked / disk ))"
+done
