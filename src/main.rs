@@ -118,7 +118,7 @@ fn parse_token(parser: &mut lexopt::Parser) -> Result<(Command, Flags), lexopt::
 /// `edgegate token`: provisioning, with the same key checks as the service.
 fn print_token(device_uid: &str, key_file: &std::path::Path) -> ExitCode {
     if !protocol::valid_device_uid(device_uid) {
-        eprintln!("edgegate token: a deviceUid is 1 to 128 bytes long");
+        eprintln!("edgegate token: {}", protocol::DEVICE_UID_RULE);
         return ExitCode::from(2);
     }
     match auth::TokenKey::load(key_file) {

@@ -477,28 +477,6 @@ fn before_authentication_a_half_sent_frame_is_capped() {
     );
 }
 
-/// An identity holding a newline and a terminal escape cannot forge or
-/// colour a log line: the router's "moved" line escapes it.
-#[test]
-fn hostile_identities_are_escaped_in_the_log() {
-    let t = token_gateway(GatewayOptions::offline());
-    let device = "dev-x\nERROR forged line \u{1b}[31m";
-    let _first = t.authenticated(device);
-    let _second = t.authenticated(device); // takes over: logged at info
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !t.gw.log().contains("moved to connection") {
-        assert!(std::time::Instant::now() < deadline, "{}", t.gw.log());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let log = t.gw.log();
-    assert!(
-        log.contains("dev-x\\nERROR forged line \\u{1b}[31m"),
-        "{log}"
-    );
-    assert!(!log.lines().any(|l| l.starts_with("ERROR forged")), "{log}");
-    assert!(!log.contains('\u{1b}'), "{log}");
-}
-
 /// A reader that went away is not a crash: `edgegate token ... | head -c 0`.
 #[test]
 fn token_and_check_config_exit_quietly_when_stdout_is_closed() {
@@ -521,5 +499,24 @@ fn token_and_check_config_exit_quietly_when_stdout_is_closed() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+/// One rule for deviceUids: `edgegate token` refuses what a request could
+/// not carry (a newline, surrounding whitespace, a leading `#`).
+#[test]
+fn token_refuses_identities_the_protocol_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("token.key");
+    write_key(&key);
+    for bad in ["dev\nERROR forged", " dev", "dev ", "#dev", ""] {
+        let out = command()
+            .args(["token", bad, "--key-file"])
+            .arg(&key)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        assert!(out.stdout.is_empty(), "{bad:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("control characters"));
     }
 }

@@ -232,3 +232,30 @@ fn offsets_resume_after_a_restart_even_on_untouched_partitions() {
     assert_eq!(got.len(), 10);
     assert_eq!(s.gw.metric("edgegate_downlink_held_released_total"), 10.0);
 }
+
+/// A deviceUid from the backend holding a newline and a terminal escape
+/// cannot forge or colour a log line: the router's "moved" line escapes it.
+#[test]
+fn hostile_device_uids_from_the_backend_are_escaped_in_the_log() {
+    let s = setup("gw-escape");
+    let (mut a, client_a) = s.device();
+    let (mut b, client_b) = s.device();
+    let device = "dev-x\nERROR forged line \u{1b}[31m";
+    let ok = json!({"action":"connect.response","uid":"c","status":"ok"});
+    s.send(Some(&client_a), Some(device), ok.clone());
+    assert_eq!(a.json()["uid"], "c");
+    s.send(Some(&client_b), Some(device), ok); // takes the binding over
+    assert_eq!(b.json()["uid"], "c");
+    let deadline = std::time::Instant::now() + WAIT;
+    while !s.gw.log().contains("moved to connection") {
+        assert!(std::time::Instant::now() < deadline, "{}", s.gw.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = s.gw.log();
+    assert!(
+        log.contains("dev-x\\nERROR forged line \\u{1b}[31m"),
+        "{log}"
+    );
+    assert!(!log.lines().any(|l| l.starts_with("ERROR forged")), "{log}");
+    assert!(!log.contains('\u{1b}'), "{log}");
+}

@@ -23,6 +23,7 @@ use crate::device::turn::{self, error, refuse, Closed, Reply, Work};
 use crate::device::{handshake, Shared};
 use crate::ops::logging::escaped;
 use crate::ops::metrics::AuthFailure;
+use crate::security::auth::REVOKED;
 
 use crate::routing::{Downlink, Mailbox};
 use crate::wire::frame::{Frame, LineDecoder};
@@ -99,6 +100,11 @@ async fn open(
                 mailbox.clone(),
                 &device,
             );
+            // As for tokens: revoked between the handshake's check and now.
+            if gate.revoked.is_revoked(&bound) {
+                shared.metrics.auth_failure(AuthFailure::Revoked);
+                return Ok(Closed::Unauthorized);
+            }
             (AuthState::Done, Some(bound))
         }
         // Registered with the router only once authenticated: until then
@@ -364,6 +370,20 @@ impl Connection {
                         mailbox.clone(),
                         &device,
                     );
+                    // Checked again now that the router knows it: a list
+                    // replaced since the first check closed everyone it
+                    // names before this connection was there to be closed.
+                    if shared.gate.revoked.is_revoked(&device) {
+                        refuse(
+                            work,
+                            shared,
+                            *peer,
+                            Some(uid),
+                            AuthFailure::Revoked,
+                            REVOKED,
+                        );
+                        return;
+                    }
                     log::debug!(
                         "connection {client_id} from {peer} authenticated as {}",
                         escaped(&device)

@@ -225,11 +225,11 @@ pub fn parse_frame(line: &[u8]) -> Result<Inbound<'_>, Rejection> {
         }
     };
     if let Some(d) = &device_uid {
-        if d.value.is_empty() || d.value.len() > MAX_ID_BYTES {
+        if !valid_device_uid(&d.value) {
             return Err(Rejection::new(
                 uid_ref,
                 ErrorCode::BadRequest,
-                "deviceUid must be 1 to 128 bytes long",
+                DEVICE_UID_RULE,
             ));
         }
     }
@@ -274,11 +274,23 @@ pub fn auth_claim<'a>(req: &Request<'a>) -> Result<AuthClaim<'a>, &'static str> 
     Ok(AuthClaim { device_uid, token })
 }
 
-/// A deviceUid taken from elsewhere (a certificate's CN) obeys the same
-/// rule as one in a request.
+/// The one rule for a deviceUid, wherever it comes from (a request, an auth
+/// frame, `edgegate token`, a certificate's CN): 1 to 128 bytes, no control
+/// characters, no whitespace at either end, and not starting with `#`. The
+/// contract asks only for the length; the rest keeps every identity one
+/// that the revocation file (lines trimmed, `#` lines skipped) can list and
+/// that a log line cannot be forged with.
 pub fn valid_device_uid(device_uid: &str) -> bool {
-    !device_uid.is_empty() && device_uid.len() <= MAX_ID_BYTES
+    !device_uid.is_empty()
+        && device_uid.len() <= MAX_ID_BYTES
+        && !device_uid.starts_with('#')
+        && device_uid.trim() == device_uid
+        && !device_uid.chars().any(char::is_control)
 }
+
+/// Why [`valid_device_uid`] refused, for the device.
+pub const DEVICE_UID_RULE: &str =
+    "deviceUid must be 1 to 128 bytes, without control characters, surrounding whitespace or a leading #";
 
 /// `Ok(None)` for absent or null, `Err` for a value that is not a string.
 fn optional_str(raw: Option<&RawValue>) -> Result<Option<JsonStr<'_>>, ()> {

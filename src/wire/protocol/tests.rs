@@ -35,7 +35,7 @@ proptest::proptest! {
                 proptest::prop_assert_eq!(&*claim.token, token.as_str());
             }
             Ok(other) => proptest::prop_assert!(false, "{:?}", other),
-            Err(r) => proptest::prop_assert!(device.is_empty() || device.len() > 128, "{:?}", r),
+            Err(r) => proptest::prop_assert!(!valid_device_uid(&device), "{:?}", r),
         }
         let mut damaged = frame.into_bytes();
         for (at, byte) in edits {
@@ -384,4 +384,26 @@ fn record_overhead_covers_the_worst_envelope() {
     let header = "message-id".len() + 36;
     let added = out.len() + key + header - line.len();
     assert!(added <= RECORD_OVERHEAD_BYTES, "{added} bytes added");
+}
+
+#[test]
+fn one_rule_for_device_uids() {
+    for ok in ["dev-42", "d", "Dévice 7", "a#b", &"x".repeat(128)] {
+        assert!(valid_device_uid(ok), "{ok:?}");
+    }
+    for bad in [
+        "",
+        " dev",
+        "dev ",
+        "#dev",
+        "dev\n",
+        "de\u{1b}v",
+        "dev\t",
+        &"x".repeat(129),
+    ] {
+        assert!(!valid_device_uid(bad), "{bad:?}");
+        let frame = serde_json::json!({"action":"t","uid":"u","deviceUid":bad}).to_string();
+        let r = parse_frame(frame.as_bytes()).unwrap_err();
+        assert_eq!(r.code, ErrorCode::BadRequest, "{bad:?}");
+    }
 }
