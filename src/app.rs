@@ -152,6 +152,7 @@ pub struct Running {
     producer_stop: Arc<AtomicBool>,
     consumer: DownlinkConsumer,
     writer: Task<()>,
+    admin: Arc<Admin>,
 }
 
 /// Opens the data directory and the outbox, starts the executor threads,
@@ -299,6 +300,7 @@ pub fn start(checked: Checked) -> Result<Running, AppError> {
         producer_stop,
         consumer,
         writer,
+        admin,
     })
 }
 
@@ -346,8 +348,11 @@ impl Running {
             consumer,
             writer,
             drain_timeout,
+            admin,
             ..
         } = self;
+        // Load balancers and health checks see it at once.
+        admin.ready.store(false, SeqCst);
         systemd::notify("STOPPING=1");
         log::info!("shutting down: no new connections; frames from now on get shutting_down");
         shared.shutting_down.store(true, SeqCst);

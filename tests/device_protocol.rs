@@ -266,6 +266,20 @@ fn outbox_cap_refuses_with_outbox_full_and_keeps_the_connection() {
     }
     let r = full.expect("the 1 MiB cap was never reached");
     assert_eq!(r["errorCode"], "outbox_full");
+    // Said once in the log, and not ready while full.
+    assert_eq!(
+        gw.log().matches("the outbox is full").count(),
+        1,
+        "{}",
+        gw.log()
+    );
+    let (status, body) = http_get(gw.admin_port, "/readyz").unwrap();
+    assert_eq!(
+        (status, body.contains("outbox is full")),
+        (503, true),
+        "{body}"
+    );
+    assert_eq!(gw.metric("edgegate_outbox_full"), 1.0);
     assert!(r["uid"].as_str().unwrap().starts_with('u'));
     assert!(acked >= 5, "only {acked} acks before outbox_full");
     // Still usable: pings work, acknowledged records are all still there.
@@ -289,6 +303,8 @@ fn sigterm_answers_new_frames_with_shutting_down_and_exits_zero() {
     // Kafka is unreachable, so the gateway waits out the drain timeout with
     // the connection open: a request now is refused and the connection closed.
     std::thread::sleep(Duration::from_millis(300));
+    // Not ready from the first moment of the shutdown.
+    assert_eq!(http_get(gw.admin_port, "/readyz").map(|r| r.0), Some(503));
     d.send(r#"{"action":"a","uid":"late"}"#);
     let r = d.json();
     assert_eq!(r["errorCode"], "shutting_down");

@@ -19,7 +19,7 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Admin {
     pub metrics: Arc<Metrics>,
-    /// Set once the device listener is up.
+    /// Set once the device listener is up; cleared when shutdown begins.
     pub ready: AtomicBool,
 }
 
@@ -93,17 +93,22 @@ async fn handle(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
     }
     match path {
         "/healthz" => respond(&mut stream, "200 OK", "text/plain", "ok\n").await,
-        "/readyz" if admin.ready.load(SeqCst) => {
-            respond(&mut stream, "200 OK", "text/plain", "ready\n").await
-        }
         "/readyz" => {
-            respond(
-                &mut stream,
-                "503 Service Unavailable",
-                "text/plain",
-                "not ready\n",
-            )
-            .await
+            // Ready: the listener is up, the gateway is not stopping, and
+            // the outbox takes requests.
+            let why = if !admin.ready.load(SeqCst) {
+                Some("not ready: starting or shutting down\n")
+            } else if admin.metrics.outbox_full.load(SeqCst) != 0 {
+                Some("not ready: the outbox is full (requests get outbox_full)\n")
+            } else {
+                None
+            };
+            match why {
+                None => respond(&mut stream, "200 OK", "text/plain", "ready\n").await,
+                Some(why) => {
+                    respond(&mut stream, "503 Service Unavailable", "text/plain", why).await
+                }
+            }
         }
         "/metrics" => {
             let body = admin.metrics.render();

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub outbox_lost_batches: AtomicU64,
     pub outbox_write_errors: AtomicU64,
     pub outbox_spilled: AtomicU64,
+    /// 1 while appends are refused for lack of room.
+    pub outbox_full: AtomicI64,
     pub outbox_memory_full: AtomicU64,
     pub outbox_confirmed_in_memory: AtomicU64,
 
@@ -373,6 +375,11 @@ impl Metrics {
             "edgegate_outbox_records",
             "Requests in the outbox, not yet confirmed by Kafka.",
             self.outbox_records.load(Relaxed),
+        );
+        gauge(
+            "edgegate_outbox_full",
+            "1 while the outbox refuses requests for lack of room (outbox_full); /readyz answers 503 then.",
+            self.outbox_full.load(Relaxed),
         );
         gauge(
             "edgegate_outbox_batches",

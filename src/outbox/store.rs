@@ -317,6 +317,11 @@ impl Store {
         if generations.len() > 1 && generation.is_empty() {
             self.retire_drained();
         }
+        // Room again for a request of a typical size: ready again, even
+        // before a device tries.
+        if self.metrics.outbox_full.load(SeqCst) != 0 && !self.would_exceed(0, 64 << 10) {
+            self.set_full(false);
+        }
         Ok(())
     }
 
@@ -399,6 +404,21 @@ impl Store {
     /// Past half the cap: the estimate between measurements is not enough.
     pub(super) fn near_cap(&self) -> bool {
         self.disk_estimate() > self.max_bytes / 2
+    }
+
+    /// Says so, once, when the outbox starts refusing for lack of room and when
+    /// it takes requests again (the gauge drives `/readyz`).
+    pub(super) fn set_full(&self, full: bool) {
+        let was = self.metrics.outbox_full.swap(i64::from(full), SeqCst) != 0;
+        if full && !was {
+            log::warn!(
+                "the outbox is full ({} bytes on disk, outbox.max_bytes {}): new requests get outbox_full until Kafka takes some",
+                self.disk_estimate(),
+                self.max_bytes
+            );
+        } else if !full && was {
+            log::info!("the outbox has room again: requests are accepted");
+        }
     }
 
     /// True if `incoming` bytes more would take the outbox past its cap.

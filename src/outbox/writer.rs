@@ -252,9 +252,11 @@ pub(super) fn pack(store: &Store, group: Vec<Job>, reserved: u64) -> (Vec<Vec<u8
     for job in group {
         let size = (job.batch.bytes() - HEADER_LEN) as u64;
         if store.would_exceed(pending + HEADER_LEN as u64, size) {
+            store.set_full(true);
             let _ = job.done.try_send(Err(AppendError::Full));
             continue;
         }
+        store.set_full(false);
         pending += size;
         for entry in job.batch.raw_entries() {
             if !record.is_empty() && record.bytes() + entry.len() > RECORD_BYTES {
