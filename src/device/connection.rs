@@ -20,7 +20,7 @@ use crate::config::AuthMode;
 use crate::device::dispatch::{self, AuthState, Decision, Session};
 use crate::device::transport::{Ready, Transport};
 use crate::device::turn::{self, error, refuse, Closed, Reply, Work};
-use crate::device::{handshake, Shared};
+use crate::device::{budget, handshake, Shared};
 use crate::ops::logging::escaped;
 use crate::ops::metrics::AuthFailure;
 use crate::security::auth::REVOKED;
@@ -448,38 +448,15 @@ impl Connection {
             self.shared.metrics.input_deferred.fetch_add(1, Relaxed);
         }
         let held = self.decoder.buffered();
-        let metrics = &self.shared.metrics;
-        let total = metrics
-            .partial_bytes
-            .fetch_add(held as i64 - self.partial_held as i64, Relaxed)
-            + (held as i64 - self.partial_held as i64);
-        let grew = held > self.partial_held;
-        self.partial_held = held;
-        if work.close.is_some() {
-            return (work, used);
-        }
-        if self.auth == AuthState::Pending && held > self.shared.gate.max_pending_bytes {
-            metrics.connections_closed_partial.fetch_add(1, Relaxed);
-            let msg = "authenticate first: before authentication a frame may hold only auth.max_pending_bytes";
-            refuse(
-                &mut work,
-                &self.shared,
-                self.peer,
-                None,
-                AuthFailure::NotAuthFirst,
-                msg,
-            );
-        } else if grew && total > self.shared.limits.max_partial_bytes as i64 {
-            metrics.connections_closed_partial.fetch_add(1, Relaxed);
-            log::warn!(
-                "closing {}: its incomplete frame would take the gateway past listener.max_partial_bytes ({} bytes held by all connections)",
-                self.peer,
-                total
-            );
-            let msg = "the gateway holds too many incomplete frames; send whole frames";
-            error(&mut work, &self.shared, None, ErrorCode::ServerBusy, msg);
-            work.close = Some(Closed::PartialBudget);
-        }
+        let pending_auth = self.auth == AuthState::Pending;
+        budget::hold(
+            &self.shared,
+            self.peer,
+            pending_auth,
+            &mut self.partial_held,
+            held,
+            &mut work,
+        );
         (work, used)
     }
 

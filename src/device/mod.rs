@@ -2,6 +2,7 @@
 //! TCP or TLS) and one task per connection that frames, checks, stores and
 //! answers, and writes the backend's messages.
 
+mod budget;
 pub mod connection;
 pub mod dispatch;
 pub mod handshake;
