@@ -67,9 +67,38 @@ pub fn after_open(dir: &Path) -> io::Result<()> {
 /// handle wrote without a sync (the producer's removals rewrite nodes of a
 /// generation no group commit syncs): they must be durable first.
 pub fn before_open(dir: &Path) -> io::Result<usize> {
+    remove_unfinished_snapshots(dir)?;
     let restored = restore_kept_blobs(dir)?;
     Blobs::default().sync_new(dir)?;
     Ok(restored)
+}
+
+/// sled 0.34 writes a snapshot to `snap.<lsn>.generating`, syncs it and
+/// renames it, but on open takes the last `snap.*` name in sort order,
+/// `.generating` included: a process killed (or a power cut) between the
+/// create and the rename leaves an empty or partial file that sorts after
+/// the good snapshot, and sled then refuses the whole store as corrupt. Such
+/// a file was never finished: without it sled uses the previous snapshot and
+/// replays its log from there.
+fn remove_unfinished_snapshots(dir: &Path) -> io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            log::warn!(
+                "outbox generation {}: removing the unfinished sled snapshot {name} (written when the process stopped)",
+                dir.display()
+            );
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Puts back blob files that sled unlinked but whose unlink outlived the
