@@ -21,6 +21,7 @@ use rdkafka::TopicPartitionList;
 use serde_json::Value;
 
 pub mod cutfs;
+pub mod tokens;
 
 pub const WAIT: Duration = Duration::from_secs(30);
 
