@@ -24,7 +24,8 @@ use crate::ops::metrics::Metrics;
 use crate::ops::signals;
 use crate::ops::systemd;
 use crate::outbox::{self, Quarantine, Store};
-use crate::routing::Router;
+use crate::routing::hold::{Hold, HoldLimits};
+use crate::routing::{presence, Router};
 use crate::security::auth::Gate;
 use crate::security::tls;
 use crate::wire::protocol::RECORD_OVERHEAD_BYTES;
@@ -37,7 +38,11 @@ pub enum AppError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
     Outbox(#[from] outbox::OutboxError),
+    #[error(transparent)]
+    Hold(#[from] crate::routing::hold::HoldError),
     #[error(transparent)]
     Producer(#[from] crate::kafka::producer::ProducerError),
     #[error(transparent)]
@@ -151,6 +156,7 @@ pub struct Running {
     producer: Task<()>,
     producer_stop: Arc<AtomicBool>,
     consumer: DownlinkConsumer,
+    presence: Option<Task<()>>,
     writer: Task<()>,
     admin: Arc<Admin>,
 }
@@ -175,6 +181,7 @@ pub fn start(checked: Checked) -> Result<Running, AppError> {
         None => load_server_id(&data_dir)?,
     };
     let group = config.consumer_group(&server_id);
+    let reply_topic = config.reply_topic(&server_id)?;
     log::info!(
         "edgegate {} starting: serverId {server_id}, consumer group {group}",
         env!("CARGO_PKG_VERSION")
@@ -219,23 +226,60 @@ pub fn start(checked: Checked) -> Result<Running, AppError> {
         &data_dir.join("quarantine"),
         config.outbox.quarantine_max_bytes,
     ));
-    let pipeline = Pipeline::new(store.clone(), &config.kafka, metrics.clone(), quarantine)?;
+    let pipeline = Pipeline::new(
+        store.clone(),
+        &config.kafka,
+        reply_topic.clone(),
+        metrics.clone(),
+        quarantine,
+    )?;
     let producer = ex.spawn(pipeline.run(doorbell, producer_stop.clone()));
 
+    let hold = Hold::open(
+        &data_dir.join("hold"),
+        HoldLimits {
+            ttl: config.downlink.hold_for,
+            max_per_device: config.downlink.hold_max_per_device,
+            max_bytes: config.downlink.hold_max_bytes,
+        },
+        metrics.clone(),
+    )?;
     let mut router = Router::new(
         server_id.clone(),
         config.listener.max_pending_downlink,
         metrics.clone(),
+        Arc::new(hold),
     );
     if gate.mode != AuthMode::None {
         router = router.identity_from_auth();
     }
+    let presence = match &config.kafka.presence_topic {
+        Some(topic) => {
+            log::info!("presence events go to {topic}");
+            let (queue, events) = presence::Queue::new(metrics.clone());
+            router = router.with_presence(queue);
+            Some(ex.spawn(presence::run(
+                events,
+                appender.clone(),
+                server_id.clone(),
+                reply_topic.clone(),
+                metrics.clone(),
+            )))
+        }
+        None => None,
+    };
     let router = Arc::new(router);
     let closer = router.clone();
     gate.revoked.watch(move |device| {
         closer.close_device(device);
     });
-    let consumer = DownlinkConsumer::start(&config.kafka, &group, router.clone(), metrics.clone())?;
+    let consumer = DownlinkConsumer::start(
+        &config.kafka,
+        &group,
+        reply_topic.clone(),
+        router.clone(),
+        metrics.clone(),
+    )?;
 
     let admin = Arc::new(Admin {
         metrics: metrics.clone(),
@@ -247,6 +291,7 @@ pub fn start(checked: Checked) -> Result<Running, AppError> {
         .detach();
     let shared = Arc::new(Shared {
         server_id,
+        reply_topic,
         limits: config.listener.clone(),
         metrics,
         router: router.clone(),
@@ -299,6 +344,7 @@ pub fn start(checked: Checked) -> Result<Running, AppError> {
         producer,
         producer_stop,
         consumer,
+        presence,
         writer,
         admin,
     })
@@ -346,6 +392,7 @@ impl Running {
             producer,
             producer_stop,
             consumer,
+            presence,
             writer,
             drain_timeout,
             admin,
@@ -373,6 +420,22 @@ impl Running {
             log::warn!("outbox not drained within kafka.drain_timeout_secs; the rest is sent after the next start");
         }
         router.close_all();
+        if let Some(task) = presence {
+            // The connections' `disconnected` events (shutdown) are stored,
+            // and get the rest of the drain time to reach Kafka.
+            let closing = Instant::now() + STEP_LIMIT;
+            while router.connections() > 0 && Instant::now() < closing {
+                Timer::after(Duration::from_millis(10)).await;
+            }
+            router.end_presence();
+            if within(STEP_LIMIT, task).await.is_none() {
+                log::warn!("presence events were not all stored in time");
+            }
+            let deadline = deadline.max(Instant::now() + Duration::from_secs(1));
+            while !store.is_empty() && Instant::now() < deadline {
+                Timer::after(Duration::from_millis(20)).await;
+            }
+        }
         producer_stop.store(true, SeqCst);
         store.wake();
         // Every remaining step is bounded: a stuck broker or disk must not

@@ -10,7 +10,7 @@
 //! producer at once, and the ack comes when Kafka confirms it or, if that
 //! takes longer than `outbox.spill_after_ms`, once it is fsynced) →
 //! `kafka::producer` → Kafka. Downlink: Kafka → `kafka::consumer` → `routing` (by clientId or
-//! deviceUid, or held for a device that is away) → the connection's mailbox
+//! deviceUid, or held on disk for a device that is away) → the connection's mailbox
 //! → `device::connection` → device socket.
 //!
 //! # Who owns what

@@ -68,6 +68,7 @@ fuzz_target!(|data: &[u8]| {
                         server_id: "gw",
                         client_id: &client,
                         bound_device: bound,
+                        reply_topic: Some("replies.gw"),
                     };
                     let mut envelope = Vec::new();
                     protocol::write_envelope(

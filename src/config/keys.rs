@@ -185,6 +185,29 @@ pub const KEYS: &[Key] = &[
         flag: None,
         help: "consumer group; empty: edgegate-<server_id>",
     },
+    // PROTOCOL 6.1: a fleet on one cluster reads only its own replies.
+    Key {
+        name: "kafka.reply_topic",
+        kind: Kind::Text,
+        default: "",
+        flag: None,
+        help: "topic only this gateway reads replies from, created if missing; {serverId} is replaced; empty: off",
+    },
+    Key {
+        name: "kafka.reply_topic_partitions",
+        kind: number(1, 10_000),
+        default: "1",
+        flag: None,
+        help: "partitions of the reply topic when the gateway creates it",
+    },
+    // PROTOCOL 6.2.
+    Key {
+        name: "kafka.presence_topic",
+        kind: Kind::Text,
+        default: "",
+        flag: None,
+        help: "topic for connected/disconnected events, keyed by deviceUid; empty: off",
+    },
     // Below systemd's 90 s stop timeout; the rest is sent after the next start.
     Key {
         name: "kafka.drain_timeout_secs",
@@ -192,6 +215,28 @@ pub const KEYS: &[Key] = &[
         default: "10",
         flag: None,
         help: "on SIGTERM, how long Kafka gets to take the outbox backlog",
+    },
+    // PROTOCOL 6.3.
+    Key {
+        name: "downlink.hold_secs",
+        kind: number(1, 365 * 86_400),
+        default: "86400",
+        flag: None,
+        help: "how long a message for a device that is not connected is held for it, on disk",
+    },
+    Key {
+        name: "downlink.hold_max_per_device",
+        kind: number(1, 10_000_000),
+        default: "1000",
+        flag: None,
+        help: "messages held for one device at most; past it its oldest is dropped and counted",
+    },
+    Key {
+        name: "downlink.hold_max_bytes",
+        kind: number(1 << 10, u64::MAX),
+        default: "268435456",
+        flag: None,
+        help: "bytes of held messages over all devices at most; past it the oldest is dropped and counted",
     },
     // 1 GiB: hours of backlog on a hub's flash without filling it.
     Key {

@@ -221,6 +221,7 @@ impl<'a> Layers<'a> {
         let (raw, origin) = self.raw(key);
         let list: Vec<String> = match raw {
             None => vec![key.default.to_owned()],
+            Some(Raw::Text(v)) if v.trim().is_empty() => Vec::new(),
             Some(Raw::Text(v)) => v.split(',').map(|t| t.trim().to_owned()).collect(),
             Some(Raw::Toml(toml::Value::Array(items))) => items
                 .iter()
@@ -232,9 +233,6 @@ impl<'a> Layers<'a> {
                 return Err(invalid(name, origin, "expected an array of strings"))
             }
         };
-        if list.is_empty() {
-            return Err(invalid(name, origin, "needs at least one topic"));
-        }
         for t in &list {
             super::check_topic(key.name, origin, t)?;
         }

@@ -52,6 +52,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub listener: ListenerConfig,
     pub kafka: KafkaConfig,
+    pub downlink: DownlinkConfig,
     pub outbox: OutboxConfig,
     pub admin: AdminConfig,
     pub auth: AuthConfig,
@@ -104,12 +105,25 @@ pub struct ListenerConfig {
 pub struct KafkaConfig {
     pub brokers: String,
     pub producer_topic: String,
+    /// May be empty when `reply_topic` is set.
     pub consumer_topics: Vec<String>,
+    /// As configured, `{serverId}` not yet replaced: see [`KafkaConfig::reply_topic`].
+    pub reply_topic: Option<String>,
+    pub reply_topic_partitions: i32,
+    pub presence_topic: Option<String>,
     /// `None`: `edgegate-<serverId>`.
     pub consumer_group_id: Option<String>,
     pub drain_timeout: Duration,
     /// Passed to librdkafka as is, after edgegate's own settings.
     pub properties: BTreeMap<String, String>,
+}
+
+/// The hold for devices not connected (PROTOCOL 6.3).
+#[derive(Debug, Clone)]
+pub struct DownlinkConfig {
+    pub hold_for: Duration,
+    pub hold_max_per_device: usize,
+    pub hold_max_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -143,6 +157,21 @@ impl Config {
             None => toml::Table::new(),
         };
         build(&Layers::new(file, env, flags)?)
+    }
+
+    /// This gateway's reply topic (PROTOCOL 6.1), `{serverId}` replaced.
+    pub fn reply_topic(&self, server_id: &str) -> Result<Option<String>, ConfigError> {
+        let Some(template) = &self.kafka.reply_topic else {
+            return Ok(None);
+        };
+        let topic = template.replace(SERVER_ID_PLACEHOLDER, server_id);
+        let origin = self
+            .settings
+            .iter()
+            .find(|s| s.key == "kafka.reply_topic")
+            .map_or(Origin::Default, |s| s.origin);
+        check_topic("kafka.reply_topic", origin, &topic)?;
+        Ok(Some(topic))
     }
 
     pub fn consumer_group(&self, server_id: &str) -> String {
@@ -236,14 +265,51 @@ fn build(layers: &Layers<'_>) -> Result<Config, ConfigError> {
         &producer_topic,
     )?;
     let consumer_topics = layers.topics("kafka.consumer_topics")?;
+    let reply_topic = layers.string("kafka.reply_topic")?;
+    if !reply_topic.is_empty() {
+        // Checked with a stand-in id here, with the real one at start (a
+        // generated serverId is a UUID, always fit for a topic name).
+        let id = if server_id.is_empty() {
+            "id"
+        } else {
+            &server_id
+        };
+        check_topic(
+            "kafka.reply_topic",
+            layers.origin("kafka.reply_topic"),
+            &reply_topic.replace(SERVER_ID_PLACEHOLDER, id),
+        )?;
+    } else if consumer_topics.is_empty() {
+        return Err(invalid(
+            "kafka.consumer_topics",
+            layers.origin("kafka.consumer_topics"),
+            "is empty and kafka.reply_topic is not set: no reply would ever reach a device",
+        ));
+    }
+    let presence_topic = layers.string("kafka.presence_topic")?;
+    if !presence_topic.is_empty() {
+        check_topic(
+            "kafka.presence_topic",
+            layers.origin("kafka.presence_topic"),
+            &presence_topic,
+        )?;
+    }
     let group = layers.string("kafka.consumer_group_id")?;
     let kafka = KafkaConfig {
         brokers,
         producer_topic,
         consumer_topics,
+        reply_topic: (!reply_topic.is_empty()).then_some(reply_topic),
+        reply_topic_partitions: layers.number("kafka.reply_topic_partitions")? as i32,
+        presence_topic: (!presence_topic.is_empty()).then_some(presence_topic),
         consumer_group_id: (!group.is_empty()).then_some(group),
         drain_timeout: Duration::from_secs(layers.number("kafka.drain_timeout_secs")?),
         properties: layers.properties.clone(),
+    };
+    let downlink = DownlinkConfig {
+        hold_for: Duration::from_secs(layers.number("downlink.hold_secs")?),
+        hold_max_per_device: layers.number("downlink.hold_max_per_device")? as usize,
+        hold_max_bytes: layers.number("downlink.hold_max_bytes")?,
     };
     let outbox = OutboxConfig {
         max_bytes: layers.number("outbox.max_bytes")?,
@@ -261,6 +327,7 @@ fn build(layers: &Layers<'_>) -> Result<Config, ConfigError> {
         data_dir: PathBuf::from(data_dir),
         listener,
         kafka,
+        downlink,
         outbox,
         admin,
         auth,
@@ -348,6 +415,9 @@ fn valid_id(s: &str) -> bool {
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
+
+/// Replaced by the gateway's id in `kafka.reply_topic`.
+const SERVER_ID_PLACEHOLDER: &str = "{serverId}";
 
 fn check_topic(key: &str, origin: Origin, topic: &str) -> Result<(), ConfigError> {
     let ok = !topic.is_empty()

@@ -72,7 +72,9 @@ pub async fn serve(
                 Ok(reason) => log::debug!("connection {client_id} from {peer} closed: {reason:?}"),
                 Err(e) => log::debug!("connection {client_id} from {peer} ended: {e}"),
             }
-            shared.router.unregister(&client_id);
+            shared
+                .router
+                .unregister(&client_id, turn::presence_reason(&end));
         }
         Err(why) => log::debug!("connection from {peer} closed before it started: {why}"),
     }
@@ -400,6 +402,7 @@ impl Connection {
                         server_id: &shared.server_id,
                         client_id,
                         bound_device: bound.as_deref(),
+                        reply_topic: shared.reply_topic.as_deref(),
                     };
                     let mut key_buf = [0u8; 45];
                     let key = protocol::record_key(&req, &origin, &mut key_buf);
@@ -495,23 +498,35 @@ impl Connection {
         Ok(close)
     }
 
+    /// Writes the backend's messages in the mailbox, several per write;
+    /// what they confirm (a record's offset, a held message's removal) is
+    /// confirmed once the write is done, and what could not be written goes
+    /// back to the router (the device's next connection, or the hold).
     async fn write_downlink(&mut self, first: Downlink, mailbox: &Mailbox) -> io::Result<()> {
         let mut out = Vec::new();
+        let mut msgs = Vec::new();
         let mut next = Some(first);
         while let Some(msg) = next.take() {
-            if let Some(device) = msg.bind {
-                self.bound = Some(device);
+            if let Some(device) = &msg.bind {
+                self.bound = Some(device.clone());
             }
-            if out.is_empty() {
-                out = msg.line;
-            } else {
-                out.extend_from_slice(&msg.line);
-            }
+            out.extend_from_slice(&msg.line);
+            msgs.push(msg);
             if out.len() < DOWNLINK_WRITE_BYTES {
                 next = mailbox.try_pop();
             }
         }
-        self.write(&out).await
+        match self.write(&out).await {
+            Ok(()) => {
+                let dones = msgs.into_iter().map(|m| m.done).collect();
+                self.shared.router.written(dones);
+                Ok(())
+            }
+            Err(e) => {
+                self.shared.router.unwritten(self.client_id, msgs);
+                Err(e)
+            }
+        }
     }
 
     /// Writes all of `bytes`, giving up if the device reads nothing for

@@ -22,6 +22,8 @@ use crate::security::auth::Gate;
 /// What every connection task shares.
 pub struct Shared {
     pub server_id: String,
+    /// Written into every envelope when set (PROTOCOL 6.1).
+    pub reply_topic: Option<String>,
     pub limits: ListenerConfig,
     pub metrics: Arc<Metrics>,
     pub router: Arc<Router>,

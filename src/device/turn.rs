@@ -10,7 +10,7 @@ use uuid::Uuid;
 use crate::device::Shared;
 use crate::ops::metrics::AuthFailure;
 use crate::outbox::{AppendBatch, AppendError};
-use crate::wire::protocol::{self, ErrorCode};
+use crate::wire::protocol::{self, ErrorCode, Reason};
 
 /// An ack without its uid: `{"action":"ack","uid":,"messageId":"<36>","status":"accepted"}\n`.
 const ACK_BYTES: usize = 96;
@@ -25,6 +25,23 @@ pub(super) enum Closed {
     Unauthorized,
     /// Its incomplete frame would go past `listener.max_partial_bytes`.
     PartialBudget,
+}
+
+/// The presence reason (PROTOCOL 6.2) for how a connection ended.
+pub(super) fn presence_reason(end: &std::io::Result<Closed>) -> Reason {
+    use std::io::ErrorKind::*;
+    match end {
+        Ok(Closed::ByPeer) => Reason::Closed,
+        Ok(Closed::Idle) => Reason::Idle,
+        Ok(Closed::ShuttingDown) => Reason::Shutdown,
+        // A bound connection is refused only when found revoked.
+        Ok(Closed::Unauthorized) => Reason::Revoked,
+        Ok(Closed::AuthTimeout | Closed::PartialBudget) => Reason::Error,
+        Err(e) if matches!(e.kind(), ConnectionReset | BrokenPipe | UnexpectedEof) => {
+            Reason::Closed
+        }
+        Err(_) => Reason::Error,
+    }
 }
 
 /// The frames of one read, before their append is on disk.

@@ -2,10 +2,10 @@
 //! router.
 //!
 //! The consumer runs on its own thread (librdkafka's poll blocks). An offset
-//! is stored only after its record was handed to a connection or counted as
-//! undeliverable (`enable.auto.offset.store=false`), and auto-commit commits
-//! only stored offsets, so a restart resumes at the first record not yet
-//! handled.
+//! is stored only once every record before it was written to a device's
+//! socket, held on disk (synced) or counted (`enable.auto.offset.store=false`
+//! and `routing::receipt`), and auto-commit commits only stored offsets, so
+//! a restart resumes at the first record not yet handled.
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -19,8 +19,10 @@ use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
+use crate::kafka::topics::{self, Ensured};
 use crate::kafka::ErrorLog;
 use crate::ops::metrics::Metrics;
+use crate::routing::receipt::Receipts;
 use crate::routing::Router;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,9 +43,20 @@ struct Context {
     errors: Arc<ErrorLog>,
     /// Partitions of a new assignment, for the poll loop to anchor.
     assigned: Mutex<Option<Vec<(String, i32)>>>,
+    /// What the records read were handled by (see `routing::receipt`).
+    receipts: Arc<Receipts>,
+    /// Only this gateway's replies are in it: a new group reads it from the
+    /// start, so a reply sent before the first assignment is not skipped.
+    reply_topic: Option<String>,
 }
 
 impl ClientContext for Context {
+    fn stats(&self, stats: rdkafka::statistics::Statistics) {
+        // Each statistics report holds the client's running total.
+        let received: u64 = stats.brokers.values().map(|b| b.rxbytes).sum();
+        self.metrics.kafka_rx_bytes.store(received, Relaxed);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         self.errors.report("Kafka consumer", &error, reason);
     }
@@ -58,6 +71,7 @@ impl ConsumerContext for Context {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 self.errors.clear();
+                self.receipts.reset();
                 let parts = tpl
                     .elements()
                     .iter()
@@ -90,7 +104,9 @@ pub fn client_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
         .set("fetch.wait.max.ms", "10")
         // 6 s is the smallest session Apache Kafka accepts by default.
         .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "500");
+        .set("heartbeat.interval.ms", "500")
+        // For edgegate_kafka_rx_bytes_total: the downlink's cost on the WAN.
+        .set("statistics.interval.ms", "1000");
     for (k, v) in &cfg.properties {
         c.set(k, v);
     }
@@ -103,9 +119,12 @@ pub struct DownlinkConsumer {
 }
 
 impl DownlinkConsumer {
+    /// Reads `kafka.consumer_topics` and, if set, `reply_topic` (this
+    /// gateway's own, created first when missing).
     pub fn start(
         cfg: &KafkaConfig,
         group: &str,
+        reply_topic: Option<String>,
         router: Arc<Router>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ConsumerError> {
@@ -115,20 +134,33 @@ impl DownlinkConsumer {
                 metrics: metrics.clone(),
                 errors: errors.clone(),
                 assigned: Mutex::new(None),
+                receipts: Arc::new(Receipts::default()),
+                reply_topic: reply_topic.clone(),
             })
             .map_err(ConsumerError::Create)?;
-        let topics: Vec<&str> = cfg.consumer_topics.iter().map(String::as_str).collect();
-        consumer
-            .subscribe(&topics)
-            .map_err(|source| ConsumerError::Subscribe {
-                topics: cfg.consumer_topics.clone(),
-                source,
-            })?;
+        let mut topics = cfg.consumer_topics.clone();
+        topics.extend(reply_topic.clone());
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let kafka = cfg.clone();
         let thread = std::thread::Builder::new()
             .name("edgegate-consumer".into())
-            .spawn(move || consume(consumer, router, metrics, errors, flag))
+            .spawn(move || {
+                if let Some(topic) = &reply_topic {
+                    if !create_reply_topic(&kafka, topic, &flag) {
+                        return;
+                    }
+                }
+                let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+                if let Err(source) = consumer.subscribe(&names) {
+                    log::error!(
+                        "{}; no reply reaches devices until a restart",
+                        ConsumerError::Subscribe { topics, source }
+                    );
+                    return;
+                }
+                consume(consumer, router, metrics, errors, flag)
+            })
             .map_err(ConsumerError::Thread)?;
         Ok(DownlinkConsumer { stop, thread })
     }
@@ -140,6 +172,37 @@ impl DownlinkConsumer {
     }
 }
 
+/// Creates the reply topic if it is missing, retrying while Kafka cannot
+/// be reached; false if the gateway stopped first.
+fn create_reply_topic(cfg: &KafkaConfig, topic: &str, stop: &AtomicBool) -> bool {
+    let mut wait = Duration::from_secs(1);
+    let mut logged = false;
+    while !stop.load(Relaxed) {
+        match topics::ensure(cfg, topic, cfg.reply_topic_partitions) {
+            Ok(Ensured::Created) => {
+                log::info!("created reply topic {topic}");
+                return true;
+            }
+            Ok(Ensured::Existed) => {
+                log::info!("reading replies from {topic}, which exists");
+                return true;
+            }
+            Err(e) => {
+                if !logged {
+                    log::warn!("{e}; retrying until Kafka takes it");
+                    logged = true;
+                }
+            }
+        }
+        let until = std::time::Instant::now() + wait;
+        while !stop.load(Relaxed) && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        wait = (wait * 2).min(Duration::from_secs(30));
+    }
+    false
+}
+
 fn consume(
     consumer: BaseConsumer<Context>,
     router: Arc<Router>,
@@ -147,6 +210,8 @@ fn consume(
     errors: Arc<ErrorLog>,
     stop: Arc<AtomicBool>,
 ) {
+    let receipts = consumer.context().receipts.clone();
+    let mut since_sync = 0;
     while !stop.load(Relaxed) {
         let assigned = consumer
             .context()
@@ -157,20 +222,35 @@ fn consume(
         if let Some(parts) = assigned {
             anchor_new_partitions(&consumer, &parts);
         }
-        match consumer.poll(Duration::from_millis(100)) {
-            None => {}
+        // Records waiting for the hold's sync: take what is already there
+        // without waiting, then sync once for all of them.
+        let wait = match since_sync {
+            0 => Duration::from_millis(100),
+            _ => Duration::ZERO,
+        };
+        match consumer.poll(wait) {
             Some(Ok(msg)) => {
-                router.route(msg.payload().unwrap_or_default());
-                if let Err(e) = consumer.store_offset_from_message(&msg) {
-                    log::warn!("storing downlink offset failed: {e}");
+                let receipt = receipts.issue(msg.topic(), msg.partition(), msg.offset());
+                router.route(msg.payload().unwrap_or_default(), receipt);
+                since_sync += 1;
+                if since_sync < SYNC_EVERY_RECORDS {
+                    continue;
                 }
             }
             Some(Err(e)) => {
                 metrics.downlink_consumer_errors.fetch_add(1, Relaxed);
                 errors.report("Kafka consumer", &e, "polling for downlink messages");
             }
+            None => {}
         }
+        if since_sync > 0 {
+            since_sync = 0;
+            router.sync_hold();
+        }
+        store_safe_offsets(&consumer, &receipts);
     }
+    router.sync_hold();
+    store_safe_offsets(&consumer, &receipts);
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         // Nothing stored yet is the common harmless case.
         log::debug!("final downlink commit: {e}");
@@ -178,9 +258,30 @@ fn consume(
     consumer.unsubscribe();
 }
 
+/// Records read before the hold is synced and offsets stored, at most.
+const SYNC_EVERY_RECORDS: usize = 256;
+
+/// Stores the offset up to which every record was handled (see
+/// [`Receipts`]); auto-commit commits it.
+fn store_safe_offsets(consumer: &BaseConsumer<Context>, receipts: &Receipts) {
+    let safe = receipts.safe_offsets();
+    if safe.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition, offset) in &safe {
+        let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+    }
+    if let Err(e) = consumer.store_offsets(&tpl) {
+        // A partition no longer assigned; its new owner reads it again.
+        log::debug!("storing downlink offsets failed: {e}");
+    }
+}
+
 /// Commits a starting offset for assigned partitions that have none.
 ///
-/// A new group starts at the end of each partition, but Kafka only keeps an
+/// A new group starts at the end of each partition (the reply topic's at
+/// its start), but Kafka only keeps an
 /// offset for a partition once one is committed. Without this, a partition
 /// that received nothing before a restart would start at its end again and
 /// skip the responses sent while the gateway was down. The end is taken from
@@ -205,10 +306,12 @@ fn anchor_new_partitions(consumer: &BaseConsumer<Context>, parts: &[(String, i32
         if e.offset() != Offset::Invalid {
             continue;
         }
+        let from_start = consumer.context().reply_topic.as_deref() == Some(e.topic());
         match consumer.fetch_watermarks(e.topic(), e.partition(), TIMEOUT) {
-            Ok((_, high)) => {
+            Ok((low, high)) => {
+                let start = if from_start { low } else { high };
                 let _ =
-                    anchors.add_partition_offset(e.topic(), e.partition(), Offset::Offset(high));
+                    anchors.add_partition_offset(e.topic(), e.partition(), Offset::Offset(start));
             }
             Err(err) => log::warn!(
                 "cannot read the end of {}/{}: {err}",

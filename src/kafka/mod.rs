@@ -7,6 +7,7 @@
 
 pub mod consumer;
 pub mod producer;
+pub mod topics;
 
 use std::collections::HashMap;
 use std::sync::Mutex;

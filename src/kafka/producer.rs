@@ -37,7 +37,7 @@ use uuid::Uuid;
 use crate::config::KafkaConfig;
 use crate::kafka::ErrorLog;
 use crate::ops::metrics::Metrics;
-use crate::outbox::{Quarantine, Reader, Sent, Store};
+use crate::outbox::{Entry, Kind, Quarantine, Reader, Sent, Store};
 
 /// Requests handed to librdkafka and not yet confirmed, at most. Bounds
 /// memory during a long outage (the rest waits on disk) while keeping enough
@@ -148,6 +148,11 @@ struct InFlight {
 pub struct Pipeline {
     reader: Reader,
     topic: String,
+    /// Named in a `reply-topic` header on every request (PROTOCOL 6.1).
+    reply_topic: Option<String>,
+    /// Where presence events go (PROTOCOL 6.2); `None`: presence is off,
+    /// and events stored while it was on are dropped.
+    presence_topic: Option<String>,
     config: ClientConfig,
     metrics: Arc<Metrics>,
     reports_tx: Sender<Report>,
@@ -166,6 +171,7 @@ impl Pipeline {
     pub fn new(
         store: Arc<Store>,
         cfg: &KafkaConfig,
+        reply_topic: Option<String>,
         metrics: Arc<Metrics>,
         quarantine: Arc<Quarantine>,
     ) -> Result<Self, ProducerError> {
@@ -175,6 +181,8 @@ impl Pipeline {
         Ok(Pipeline {
             reader: Reader::new(store),
             topic: cfg.producer_topic.clone(),
+            reply_topic,
+            presence_topic: cfg.presence_topic.clone(),
             config,
             metrics,
             reports_tx,
@@ -302,7 +310,11 @@ impl Pipeline {
                 }
                 continue;
             }
-            let count = batch.count;
+            let skipped = batch
+                .entries()
+                .filter(|e| self.destination(e).is_none())
+                .count() as u32;
+            let count = batch.count - skipped;
             self.in_flight.push_back(InFlight {
                 seq,
                 local,
@@ -312,17 +324,17 @@ impl Pipeline {
                 sent,
             });
             self.in_flight_msgs += count as usize;
-            let mut id_buf = Uuid::encode_buffer();
+            self.metrics
+                .presence_dropped
+                .fetch_add(u64::from(skipped), Relaxed);
             for entry in batch.entries() {
-                let id = entry.message_id.hyphenated().encode_lower(&mut id_buf);
-                let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
-                    key: "message-id",
-                    value: Some(id.as_bytes()),
-                });
-                let mut record = BaseRecord::with_opaque_to(&self.topic, local)
+                let Some(topic) = self.destination(&entry) else {
+                    continue;
+                };
+                let mut record = BaseRecord::with_opaque_to(topic, local)
                     .key(entry.key)
                     .payload(entry.payload)
-                    .headers(headers);
+                    .headers(self.headers(&entry));
                 loop {
                     match self.producer.send(record) {
                         Ok(()) => break,
@@ -338,6 +350,33 @@ impl Pipeline {
                     }
                 }
             }
+        }
+    }
+
+    /// The topic an entry goes to; `None` for a presence event while
+    /// presence is off.
+    fn destination(&self, entry: &Entry<'_>) -> Option<&str> {
+        match entry.kind {
+            Kind::Request => Some(&self.topic),
+            Kind::Presence => self.presence_topic.as_deref(),
+        }
+    }
+
+    /// `message-id` on every record; `reply-topic` on requests when this
+    /// gateway has one.
+    fn headers(&self, entry: &Entry<'_>) -> OwnedHeaders {
+        let mut id_buf = Uuid::encode_buffer();
+        let id = entry.message_id.hyphenated().encode_lower(&mut id_buf);
+        let headers = OwnedHeaders::new_with_capacity(2).insert(Header {
+            key: "message-id",
+            value: Some(id.as_bytes()),
+        });
+        match (&self.reply_topic, entry.kind) {
+            (Some(topic), Kind::Request) => headers.insert(Header {
+                key: "reply-topic",
+                value: Some(topic.as_bytes()),
+            }),
+            _ => headers,
         }
     }
 

@@ -46,7 +46,13 @@ pub struct Metrics {
     pub kafka_failed: AtomicU64,
     pub kafka_quarantined: AtomicU64,
     pub kafka_tx_bytes: AtomicU64,
+    pub kafka_rx_bytes: AtomicU64,
     pub kafka_quarantine_dropped: AtomicU64,
+    /// Presence events stored in the outbox for the presence topic.
+    pub presence_events: AtomicU64,
+    /// Presence events that never went out: stored while presence was on
+    /// and read after it was turned off, or refused by a full outbox.
+    pub presence_dropped: AtomicU64,
     pub kafka_broker_connected: AtomicI64,
     pub kafka_consumer_partitions: AtomicI64,
 
@@ -54,6 +60,12 @@ pub struct Metrics {
     pub downlink_routed: AtomicU64,
     pub downlink_undeliverable: AtomicU64,
     pub downlink_held: AtomicU64,
+    /// Messages and line bytes in the durable hold.
+    pub hold_messages: AtomicI64,
+    pub hold_bytes: AtomicI64,
+    pub hold_dropped: [AtomicU64; HoldDrop::ALL.len()],
+    /// Messages the hold could not store (disk error): counted undeliverable too.
+    pub hold_errors: AtomicU64,
     pub downlink_held_released: AtomicU64,
     pub downlink_other_server: AtomicU64,
     pub downlink_malformed: AtomicU64,
@@ -65,6 +77,28 @@ pub struct Metrics {
     pub auth_damped: AtomicU64,
     pub auth_revoked_closed: AtomicU64,
     pub tls_handshake_errors: [AtomicU64; HandshakeError::ALL.len()],
+}
+
+/// Which bound of the hold dropped a message (PROTOCOL 6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldDrop {
+    /// Older than `downlink.hold_secs`.
+    Expired,
+    /// Past `downlink.hold_max_per_device`.
+    PerDevice,
+    /// Past `downlink.hold_max_bytes`.
+    Bytes,
+}
+
+impl HoldDrop {
+    pub const ALL: [HoldDrop; 3] = [HoldDrop::Expired, HoldDrop::PerDevice, HoldDrop::Bytes];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldDrop::Expired => "expired",
+            HoldDrop::PerDevice => "per_device",
+            HoldDrop::Bytes => "bytes",
+        }
+    }
 }
 
 /// Why an authentication was refused (each counts towards damping).
@@ -134,6 +168,10 @@ impl HandshakeError {
 impl Metrics {
     pub fn error(&self, code: ErrorCode) {
         self.errors[code.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn hold_dropped(&self, why: HoldDrop) {
+        self.hold_dropped[why as usize].fetch_add(1, Relaxed);
     }
 
     pub fn auth_failure(&self, why: AuthFailure) {
@@ -253,6 +291,11 @@ impl Metrics {
             get(&self.kafka_tx_bytes),
         );
         counter(
+            "edgegate_kafka_rx_bytes_total",
+            "Bytes the downlink consumer received from brokers (librdkafka's rxbytes, fetches and protocol overhead, as of its last statistics, once a second).",
+            get(&self.kafka_rx_bytes),
+        );
+        counter(
             "edgegate_kafka_quarantined_total",
             "Requests Kafka refused for good (too large, invalid), kept in data_dir/quarantine/ instead.",
             get(&self.kafka_quarantined),
@@ -261,6 +304,21 @@ impl Metrics {
             "edgegate_kafka_quarantine_dropped_total",
             "Requests Kafka refused for good that the full quarantine could not keep (logged with their messageId).",
             get(&self.kafka_quarantine_dropped),
+        );
+        counter(
+            "edgegate_hold_errors_total",
+            "Messages for offline devices the hold could not store (a disk error); counted undeliverable too.",
+            get(&self.hold_errors),
+        );
+        counter(
+            "edgegate_presence_events_total",
+            "Connected/disconnected events stored in the outbox for kafka.presence_topic.",
+            get(&self.presence_events),
+        );
+        counter(
+            "edgegate_presence_dropped_total",
+            "Presence events that never went out (presence turned off since they were stored, or the outbox refused them for good).",
+            get(&self.presence_dropped),
         );
         counter(
             "edgegate_downlink_received_total",
@@ -279,7 +337,7 @@ impl Metrics {
         );
         counter(
             "edgegate_downlink_held_total",
-            "Backend messages held for a device that was not connected (up to 60 s).",
+            "Backend messages held on disk for a device that was not connected (PROTOCOL 6.3).",
             get(&self.downlink_held),
         );
         counter(
@@ -336,6 +394,12 @@ impl Metrics {
             &AuthFailure::ALL.map(|r| (r.as_str(), get(&self.auth_failures[r as usize]))),
         );
         labelled(
+            "edgegate_hold_dropped_total",
+            "Held messages dropped, by the bound that dropped them (downlink.hold_secs, hold_max_per_device, hold_max_bytes).",
+            "bound",
+            &HoldDrop::ALL.map(|r| (r.as_str(), get(&self.hold_dropped[r as usize]))),
+        );
+        labelled(
             "edgegate_tls_handshake_errors_total",
             "Failed TLS handshakes, by reason.",
             "reason",
@@ -370,6 +434,16 @@ impl Metrics {
             "edgegate_partial_frame_bytes",
             "Bytes held for frames split across reads, all connections.",
             self.partial_bytes.load(Relaxed),
+        );
+        gauge(
+            "edgegate_hold_messages",
+            "Messages held on disk for devices not connected (PROTOCOL 6.3).",
+            self.hold_messages.load(Relaxed),
+        );
+        gauge(
+            "edgegate_hold_bytes",
+            "Bytes of the messages held for devices not connected.",
+            self.hold_bytes.load(Relaxed),
         );
         gauge(
             "edgegate_outbox_records",

@@ -138,7 +138,7 @@ use std::path::PathBuf;
 
 pub use quarantine::Quarantine;
 pub use reader::{Outgoing, Reader, Sent, StoredBatch};
-pub use record::{AppendBatch, Batch, Compression, CorruptBatch, Entry, HEADER_LEN};
+pub use record::{AppendBatch, Batch, Compression, CorruptBatch, Entry, Kind, HEADER_LEN};
 pub use store::Store;
 pub use writer::{start_writer, Appender};
 

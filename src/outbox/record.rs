@@ -102,7 +102,7 @@ pub(super) fn from_disk(value: &[u8]) -> Result<Cow<'_, [u8]>, CorruptBatch> {
 }
 
 /// Requests encoded for one append, built by a connection.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct AppendBatch {
     /// Starts with `HEADER_LEN` reserved bytes so the writer can turn a
     /// single job into a record without copying it.
@@ -144,11 +144,32 @@ impl AppendBatch {
         message_id: &Uuid,
         write_payload: impl FnOnce(&mut Vec<u8>),
     ) {
-        let key = &key[..key.len().min(u16::MAX as usize)];
+        self.push_kind(Kind::Request, key, message_id, write_payload);
+    }
+
+    /// Adds one presence event (PROTOCOL 6.2), for the presence topic.
+    pub fn push_presence(&mut self, key: &[u8], event_id: &Uuid, payload: &[u8]) {
+        self.push_kind(Kind::Presence, key, event_id, |out| {
+            out.extend_from_slice(payload)
+        });
+    }
+
+    fn push_kind(
+        &mut self,
+        kind: Kind,
+        key: &[u8],
+        message_id: &Uuid,
+        write_payload: impl FnOnce(&mut Vec<u8>),
+    ) {
+        let key = &key[..key.len().min(MAX_KEY_BYTES)];
         let start = self.buf.len();
         self.buf.extend_from_slice(&[0; 4]);
+        let flag = match kind {
+            Kind::Request => 0,
+            Kind::Presence => PRESENCE_FLAG,
+        };
         self.buf
-            .extend_from_slice(&(key.len() as u16).to_le_bytes());
+            .extend_from_slice(&(key.len() as u16 | flag).to_le_bytes());
         self.buf.extend_from_slice(key);
         self.buf.extend_from_slice(message_id.as_bytes());
         write_payload(&mut self.buf);
@@ -184,9 +205,25 @@ impl AppendBatch {
     }
 }
 
-/// One stored request, borrowed from its batch.
+/// What an entry is, and so which topic it goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A device request, for `kafka.producer_topic`.
+    Request,
+    /// A presence event, for `kafka.presence_topic`.
+    Presence,
+}
+
+/// The top bit of an entry's key length marks a presence event. Keys are a
+/// deviceUid (at most 128 bytes) or a clientId (36), so the bit was never
+/// set by a 0.1.0 record; longer keys are cut to fit the 15 bits.
+const PRESENCE_FLAG: u16 = 0x8000;
+const MAX_KEY_BYTES: usize = (PRESENCE_FLAG - 1) as usize;
+
+/// One stored request or event, borrowed from its batch.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Entry<'a> {
+    pub kind: Kind,
     pub key: &'a [u8],
     pub message_id: Uuid,
     pub payload: &'a [u8],
@@ -255,12 +292,18 @@ impl<'a> Batch<'a> {
 pub(super) fn split_entry(bytes: &[u8]) -> Option<(Entry<'_>, &[u8])> {
     let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
     let entry = bytes.get(4..4usize.checked_add(len)?)?;
-    let key_len = u16::from_le_bytes(entry.get(..2)?.try_into().ok()?) as usize;
+    let key_len = u16::from_le_bytes(entry.get(..2)?.try_into().ok()?);
+    let kind = match key_len & PRESENCE_FLAG {
+        0 => Kind::Request,
+        _ => Kind::Presence,
+    };
+    let key_len = (key_len & !PRESENCE_FLAG) as usize;
     let key = entry.get(2..2 + key_len)?;
     let id = entry.get(2 + key_len..2 + key_len + 16)?;
     let payload = &entry[2 + key_len + 16..];
     Some((
         Entry {
+            kind,
             key,
             message_id: Uuid::from_slice(id).ok()?,
             payload,

@@ -44,6 +44,33 @@ fn sealed_batch_round_trips() {
 }
 
 #[test]
+fn presence_events_keep_their_kind_and_key() {
+    let mut b = batch(&[1]);
+    b.push_presence(b"dev-1", &Uuid::from_u128(2), b"{\"event\":\"connected\"}");
+    let value = b.seal();
+    let parsed = Batch::parse(&value).unwrap();
+    let entries: Vec<Entry<'_>> = parsed.entries().collect();
+    assert_eq!(
+        (entries[0].kind, entries[0].key),
+        (record::Kind::Request, &b"k1"[..])
+    );
+    assert_eq!(
+        (entries[1].kind, entries[1].key),
+        (record::Kind::Presence, &b"dev-1"[..])
+    );
+    assert_eq!(entries[1].payload, b"{\"event\":\"connected\"}");
+    // A key longer than the 15 bits is cut, never taken for the flag.
+    let mut long = AppendBatch::new();
+    long.push(&[b'k'; 40_000], &Uuid::from_u128(3), |o| o.push(b'1'));
+    let value = long.seal();
+    let entry = Batch::parse(&value).unwrap().entries().next().unwrap();
+    assert_eq!(
+        (entry.kind, entry.key.len()),
+        (record::Kind::Request, 32_767)
+    );
+}
+
+#[test]
 fn any_flipped_byte_is_detected() {
     let value = batch(&[1, 2, 3]).seal();
     for i in 0..value.len() {

@@ -18,18 +18,37 @@ use uuid::Uuid;
 
 use crate::ops::logging::escaped;
 use crate::ops::metrics::Metrics;
-use crate::wire::protocol::{parse_server_response, ServerResponse};
+use crate::wire::protocol::{
+    parse_server_response, Change, Presence, Reason, ServerResponse, Timestamp,
+};
+use hold::Hold;
+use receipt::Receipt;
+
+pub mod hold;
+pub mod presence;
+pub mod receipt;
 
 /// What the router sends to a connection task.
 #[derive(Debug)]
 pub struct Downlink {
     /// One JSON line for the device, with its `\n`.
     pub line: Vec<u8>,
+    /// What to confirm once the line is on the device's socket.
+    pub done: Done,
     /// A binding event: set when the router bound the connection to this
     /// deviceUid on this message. The router's tables are the binding; the
     /// connection keeps a copy for the envelopes it writes, changed only by
     /// these events.
     pub bind: Option<Arc<str>>,
+}
+
+/// What a downlink message confirms once written to the device's socket.
+#[derive(Debug)]
+pub enum Done {
+    /// A record from Kafka: its offset may be stored.
+    Receipt(Receipt),
+    /// A message from the hold: it may leave it.
+    Held { device: Arc<str>, seq: u64 },
 }
 
 /// A connection's downlink queue. A plain mutex-guarded deque and one waker,
@@ -107,81 +126,33 @@ struct Conn {
     /// end of shutdown. Shutting the socket down also wakes a blocked write.
     socket: Arc<Async<std::net::TcpStream>>,
     device: Option<Arc<str>>,
+    /// The device it held until another connection took it over: what it
+    /// could not write goes to that connection.
+    taken_from: Option<Arc<str>>,
+    /// Why the router closed it (revoked, shutdown, not reading), which
+    /// its presence event gives rather than what the connection saw.
+    closed_for: Option<Reason>,
 }
 
 #[derive(Default)]
 struct Tables {
     clients: HashMap<Uuid, Conn>,
     devices: HashMap<Arc<str>, Uuid>,
-    held: Held,
+    /// Presence events go here, made under this lock so that they are in
+    /// the order the bindings changed. `None`: presence is off, or stopped.
+    presence: Option<presence::Queue>,
 }
 
-/// How long a message for a device that is not connected is held for it.
-/// Long enough for devices to reconnect after a gateway restart (which
-/// reads what the backend sent meanwhile) or a network blip.
-pub const HOLD_FOR: Duration = Duration::from_secs(60);
-/// Held messages at most, over all devices; past it the oldest go.
-pub const HOLD_MAX: usize = 10_000;
-
-/// Messages for devices not connected here, by deviceUid, oldest first.
-#[derive(Default)]
-struct Held {
-    by_device: HashMap<Arc<str>, VecDeque<Vec<u8>>>,
-    /// Arrival order over all devices, for expiry and the cap.
-    order: VecDeque<(Instant, Arc<str>)>,
-}
-
-impl Held {
-    fn hold(&mut self, device: &str, line: Vec<u8>, now: Instant) -> usize {
-        let device: Arc<str> = match self.by_device.get_key_value(device) {
-            Some((k, _)) => k.clone(),
-            None => Arc::from(device),
-        };
-        self.by_device
-            .entry(device.clone())
-            .or_default()
-            .push_back(line);
-        self.order.push_back((now, device));
-        let mut dropped = 0;
-        while self.order.len() > HOLD_MAX {
-            dropped += self.drop_oldest();
+impl Tables {
+    fn presence(&self, change: Change, device: &Arc<str>, client: Uuid) {
+        if let Some(queue) = &self.presence {
+            queue.push(Presence {
+                change,
+                device_uid: device.clone(),
+                client_id: client,
+                at: Timestamp::now(),
+            });
         }
-        dropped + self.expire(now)
-    }
-
-    /// Drops what has waited longer than [`HOLD_FOR`]; returns how many.
-    fn expire(&mut self, now: Instant) -> usize {
-        let mut dropped = 0;
-        while self
-            .order
-            .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) >= HOLD_FOR)
-        {
-            dropped += self.drop_oldest();
-        }
-        dropped
-    }
-
-    fn drop_oldest(&mut self) -> usize {
-        let Some((_, device)) = self.order.pop_front() else {
-            return 0;
-        };
-        // A device's queue is in arrival order too, so its front is this one
-        // (unless the device took its messages in the meantime).
-        match self.by_device.get_mut(&device) {
-            Some(queue) => {
-                queue.pop_front();
-                if queue.is_empty() {
-                    self.by_device.remove(&device);
-                }
-                1
-            }
-            None => 0,
-        }
-    }
-
-    fn take(&mut self, device: &str) -> VecDeque<Vec<u8>> {
-        self.by_device.remove(device).unwrap_or_default()
     }
 }
 
@@ -189,7 +160,7 @@ impl Held {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Routed {
     Delivered,
-    /// For a device not connected now: held for it (see [`HOLD_FOR`]).
+    /// For a device not connected now: held on disk for it (PROTOCOL 6.3).
     Held,
     OtherServer,
     Undeliverable,
@@ -198,6 +169,7 @@ pub enum Routed {
 
 pub struct Router {
     server_id: String,
+    hold: Arc<Hold>,
     max_pending: usize,
     /// False when devices authenticate themselves (token, mtls): then the
     /// backend's `connect.response` no longer binds anything.
@@ -214,15 +186,32 @@ pub struct Router {
 const SKIPPED_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl Router {
-    pub fn new(server_id: String, max_pending: usize, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        server_id: String,
+        max_pending: usize,
+        metrics: Arc<Metrics>,
+        hold: Arc<Hold>,
+    ) -> Self {
         Router {
             server_id,
+            hold,
             max_pending,
             binds_on_connect_response: true,
             metrics,
             tables: Mutex::new(Tables::default()),
             skipped_log: Mutex::new((None, 0)),
         }
+    }
+
+    /// Binding changes produce presence events into `queue` (PROTOCOL 6.2).
+    pub fn with_presence(self, queue: presence::Queue) -> Self {
+        self.tables().presence = Some(queue);
+        self
+    }
+
+    /// No more presence events: the last ones (shutdown) were queued.
+    pub fn end_presence(&self) {
+        self.tables().presence = None;
     }
 
     /// Identity comes from authentication, not from the backend.
@@ -248,6 +237,8 @@ impl Router {
                 mailbox,
                 socket,
                 device: None,
+                taken_from: None,
+                closed_for: None,
             },
         );
     }
@@ -268,6 +259,8 @@ impl Router {
                 mailbox,
                 socket,
                 device: None,
+                taken_from: None,
+                closed_for: None,
             },
         );
         let device = self.bind(&mut t, client_id, device);
@@ -277,10 +270,14 @@ impl Router {
 
     /// Closes the connection bound to `device`, if any (revocation).
     pub fn close_device(&self, device: &str) -> bool {
-        let t = self.tables();
-        let Some(conn) = t.devices.get(device).and_then(|c| t.clients.get(c)) else {
+        let mut t = self.tables();
+        let Some(&client) = t.devices.get(device) else {
             return false;
         };
+        let Some(conn) = t.clients.get_mut(&client) else {
+            return false;
+        };
+        conn.closed_for = Some(Reason::Revoked);
         log::warn!(
             "device {} is revoked: closing its connection",
             escaped(device)
@@ -290,12 +287,23 @@ impl Router {
         true
     }
 
-    pub fn unregister(&self, client_id: &Uuid) {
+    /// Forgets a connection that ended; `reason` is why, as the connection
+    /// saw it (the router's own reason for closing it comes first).
+    pub fn unregister(&self, client_id: &Uuid, reason: Reason) {
+        let leftovers: Vec<Downlink> = match self.tables().clients.get(client_id) {
+            Some(conn) => std::iter::from_fn(|| conn.mailbox.try_pop()).collect(),
+            None => Vec::new(),
+        };
+        if !leftovers.is_empty() {
+            self.unwritten(*client_id, leftovers);
+        }
         let mut t = self.tables();
         if let Some(conn) = t.clients.remove(client_id) {
             if let Some(device) = conn.device {
                 if t.devices.get(&device) == Some(client_id) {
                     t.devices.remove(&device);
+                    let reason = conn.closed_for.unwrap_or(reason);
+                    t.presence(Change::Disconnected(reason), &device, *client_id);
                 }
             }
         }
@@ -303,9 +311,15 @@ impl Router {
 
     /// Closes every connection (the last step of shutdown).
     pub fn close_all(&self) {
-        for conn in self.tables().clients.values() {
+        for conn in self.tables().clients.values_mut() {
+            conn.closed_for.get_or_insert(Reason::Shutdown);
             let _ = conn.socket.get_ref().shutdown(Shutdown::Both);
         }
+    }
+
+    /// How many connections are registered.
+    pub fn connections(&self) -> usize {
+        self.tables().clients.len()
     }
 
     fn log_skipped(&self, e: &dyn std::fmt::Display) {
@@ -324,8 +338,9 @@ impl Router {
         }
     }
 
-    /// Routes one record from a consumer topic (PROTOCOL 2.2).
-    pub fn route(&self, payload: &[u8]) -> Routed {
+    /// Routes one record from a consumer topic (PROTOCOL 2.2). `receipt`
+    /// goes where the record goes, and is dropped once it is handled.
+    pub fn route(&self, payload: &[u8], receipt: Receipt) -> Routed {
         self.metrics.downlink_received.fetch_add(1, Relaxed);
         let response = match parse_server_response(payload) {
             Ok(r) => r,
@@ -344,7 +359,7 @@ impl Router {
             self.metrics.downlink_other_server.fetch_add(1, Relaxed);
             return Routed::OtherServer;
         }
-        let routed = self.deliver(response);
+        let routed = self.deliver(response, receipt);
         match routed {
             Routed::Delivered => self.metrics.downlink_routed.fetch_add(1, Relaxed),
             Routed::Held => self.metrics.downlink_held.fetch_add(1, Relaxed),
@@ -353,13 +368,14 @@ impl Router {
         routed
     }
 
-    fn deliver(&self, r: ServerResponse<'_>) -> Routed {
+    fn deliver(&self, r: ServerResponse<'_>, receipt: Receipt) -> Routed {
         let mut t = self.tables();
         let by_client = r
             .client_id
             .as_deref()
             .and_then(|c| Uuid::try_parse(c).ok())
             .filter(|id| t.clients.contains_key(id));
+        let done = Done::Receipt(receipt);
         if let Some(client) = by_client {
             let bind = match (&r.device_uid, r.binds) {
                 (Some(device), true) if self.binds_on_connect_response => {
@@ -368,7 +384,8 @@ impl Router {
                 _ => None,
             };
             let device = bind.clone();
-            let routed = self.push(&mut t, client, Downlink { line: r.line, bind });
+            let line = r.line;
+            let routed = self.push(&mut t, client, Downlink { line, done, bind });
             if let Some(device) = device {
                 self.release_held(&mut t, client, &device);
             }
@@ -378,82 +395,160 @@ impl Router {
             .device_uid
             .as_deref()
             .and_then(|d| t.devices.get(d).copied());
-        match by_device {
-            Some(client) => self.push(
-                &mut t,
-                client,
-                Downlink {
+        match (by_device, r.device_uid.as_deref()) {
+            (Some(client), _) => {
+                let msg = Downlink {
                     line: r.line,
+                    done,
                     bind: None,
-                },
-            ),
-            None => match r.device_uid.as_deref() {
-                // The device may be about to reconnect (after a restart of
-                // this gateway, say): hold the message for it a while.
-                Some(device) => {
-                    let expired = t.held.hold(device, r.line, Instant::now());
-                    self.count_expired(expired);
-                    Routed::Held
-                }
-                None => {
-                    log::debug!(
-                        "undeliverable downlink for clientId {:?}: not connected here",
-                        r.client_id
-                    );
-                    Routed::Undeliverable
-                }
-            },
+                };
+                self.push(&mut t, client, msg)
+            }
+            // The device may come back (after a restart of this gateway,
+            // say): the hold keeps the message for it, on disk.
+            (None, Some(device)) => self.hold(device, &r.line, done),
+            (None, None) => {
+                log::debug!(
+                    "undeliverable downlink for clientId {:?}: not connected here",
+                    r.client_id
+                );
+                Routed::Undeliverable
+            }
+        }
+    }
+
+    /// Puts a message in the hold (a message already there stays).
+    fn hold(&self, device: &str, line: &[u8], done: Done) -> Routed {
+        let receipt = match done {
+            Done::Receipt(r) => r,
+            Done::Held { device, .. } => {
+                self.hold.returned(&device);
+                return Routed::Held;
+            }
+        };
+        match self.hold.put(device, line, receipt) {
+            Ok(_) => Routed::Held,
+            Err(e) => {
+                self.metrics.hold_errors.fetch_add(1, Relaxed);
+                self.log_skipped(&format_args!(
+                    "cannot hold a message for an offline device: {e}"
+                ));
+                Routed::Undeliverable
+            }
         }
     }
 
     /// Hands the messages held for `device` to its new connection, in order.
-    fn release_held(&self, t: &mut Tables, client: Uuid, device: &str) {
-        let expired = t.held.expire(Instant::now());
-        self.count_expired(expired);
-        for line in t.held.take(device) {
-            self.metrics.downlink_held_released.fetch_add(1, Relaxed);
-            if self.push(t, client, Downlink { line, bind: None }) != Routed::Delivered {
+    fn release_held(&self, t: &mut Tables, client: Uuid, device: &Arc<str>) {
+        let released = match self.hold.release(device) {
+            Ok(r) => r,
+            Err(e) => {
+                log::error!("cannot read the messages held for {}: {e}", escaped(device));
+                return;
+            }
+        };
+        for (seq, line) in released {
+            let done = Done::Held {
+                device: device.clone(),
+                seq,
+            };
+            let msg = Downlink {
+                line,
+                done,
+                bind: None,
+            };
+            if self.push(t, client, msg) != Routed::Delivered {
+                self.hold.returned(device);
                 break; // the connection was closed for not reading
             }
         }
     }
 
-    fn count_expired(&self, n: usize) {
-        if n > 0 {
-            self.metrics
-                .downlink_undeliverable
-                .fetch_add(n as u64, Relaxed);
+    /// The hold's writes since the last call, made durable (the consumer
+    /// stores offsets of held records only after this).
+    pub fn sync_hold(&self) {
+        if let Err(e) = self.hold.sync() {
+            log::error!("syncing the hold failed: {e}; its records' offsets wait");
+        }
+    }
+
+    /// Messages `client` wrote to its device's socket.
+    pub fn written(&self, msgs: Vec<Done>) {
+        for done in msgs {
+            if let Done::Held { device, seq } = done {
+                if let Err(e) = self.hold.written(&device, seq) {
+                    log::warn!("hold: {e}");
+                }
+            }
+        }
+    }
+
+    /// Messages `client` could not write (its connection failed or ended
+    /// first): they go to the device's new connection if it has one, else
+    /// to the hold; a connection never bound counts them undeliverable.
+    pub fn unwritten(&self, client: Uuid, msgs: Vec<Downlink>) {
+        let mut t = self.tables();
+        let device = t
+            .clients
+            .get(&client)
+            .and_then(|c| c.device.clone().or_else(|| c.taken_from.clone()));
+        for msg in msgs {
+            let Some(device) = &device else {
+                self.metrics.downlink_undeliverable.fetch_add(1, Relaxed);
+                continue;
+            };
+            match t.devices.get(device).copied().filter(|&c| c != client) {
+                Some(other) => {
+                    self.push(&mut t, other, msg);
+                }
+                None => {
+                    self.hold(device, &msg.line, msg.done);
+                }
+            }
         }
     }
 
     /// Binds `client` to `device`; a previous holder of the device is closed.
+    ///
+    /// Presence: the old holder's `disconnected` (taken over) comes before
+    /// the new one's `connected`; a connection bound again to another
+    /// device (a second `connect.response`) ends the first binding
+    /// (`closed`).
     fn bind(&self, t: &mut Tables, client: Uuid, device: &str) -> Arc<str> {
         let device: Arc<str> = Arc::from(device);
         if let Some(old) = t.devices.insert(device.clone(), client) {
             if old != client {
                 if let Some(conn) = t.clients.get_mut(&old) {
-                    conn.device = None;
+                    conn.taken_from = conn.device.take();
                     log::info!(
                         "device {} moved to connection {client}; closing {old}",
                         escaped(&device)
                     );
                     self.metrics.connections_taken_over.fetch_add(1, Relaxed);
                     let _ = conn.socket.get_ref().shutdown(Shutdown::Both);
+                    t.presence(Change::Disconnected(Reason::TakenOver), &device, old);
                 }
             }
         }
-        if let Some(conn) = t.clients.get_mut(&client) {
-            if let Some(previous) = conn.device.replace(device.clone()) {
-                if previous != device && t.devices.get(&previous) == Some(&client) {
-                    t.devices.remove(&previous);
-                }
+        let Some(conn) = t.clients.get_mut(&client) else {
+            return device;
+        };
+        let previous = conn.device.replace(device.clone());
+        if previous.as_ref() == Some(&device) {
+            return device; // bound again to the same device: nothing changed
+        }
+        if let Some(previous) = previous {
+            if t.devices.get(&previous) == Some(&client) {
+                t.devices.remove(&previous);
+                t.presence(Change::Disconnected(Reason::Closed), &previous, client);
             }
         }
+        t.presence(Change::Connected, &device, client);
         device
     }
 
     fn push(&self, t: &mut Tables, client: Uuid, msg: Downlink) -> Routed {
-        let Some(conn) = t.clients.get(&client) else {
+        let Some(conn) = t.clients.get_mut(&client) else {
             return Routed::Undeliverable;
         };
         let pending = conn.mailbox.len();
@@ -462,8 +557,12 @@ impl Router {
                 "connection {client} has {pending} downlink messages unread; disconnecting it"
             );
             self.metrics.connections_closed_slow.fetch_add(1, Relaxed);
+            conn.closed_for.get_or_insert(Reason::Error);
             let _ = conn.socket.get_ref().shutdown(Shutdown::Both);
-            return Routed::Undeliverable;
+            return match conn.device.clone() {
+                Some(device) => self.hold(&device, &msg.line, msg.done),
+                None => Routed::Undeliverable,
+            };
         }
         conn.mailbox.push(msg);
         Routed::Delivered

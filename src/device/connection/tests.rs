@@ -17,6 +17,13 @@ fn an_idle_connection_task_stays_small() {
         crate::outbox::Store::open(&dir.path().join("outbox"), 1 << 30, metrics.clone()).unwrap();
     let (appender, _writer) =
         crate::outbox::start_writer(store, Duration::from_millis(2), Duration::ZERO);
+    let limits = crate::routing::hold::HoldLimits {
+        ttl: Duration::from_secs(60),
+        max_per_device: 10,
+        max_bytes: 1 << 20,
+    };
+    let hold = crate::routing::hold::Hold::open(&dir.path().join("hold"), limits, metrics.clone())
+        .unwrap();
     let auth = AuthConfig {
         mode: AuthMode::None,
         token_key_file: None,
@@ -26,6 +33,7 @@ fn an_idle_connection_task_stays_small() {
     };
     let shared = Arc::new(Shared {
         server_id: "gw".into(),
+        reply_topic: None,
         limits: ListenerConfig {
             address: "127.0.0.1:0".parse().unwrap(),
             max_frame_bytes: 65536,
@@ -40,6 +48,7 @@ fn an_idle_connection_task_stays_small() {
             "gw".into(),
             10,
             metrics.clone(),
+            Arc::new(hold),
         )),
         appender,
         gate: crate::security::auth::Gate::new(&auth, metrics).unwrap(),

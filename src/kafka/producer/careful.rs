@@ -8,10 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
 use smol::Timer;
-use uuid::Uuid;
 
 use super::Pipeline;
 use crate::outbox::quarantine::{Outcome, Refused};
@@ -42,16 +40,14 @@ impl Pipeline {
         stop: &AtomicBool,
     ) -> bool {
         for entry in batch.entries() {
-            let mut id_buf = Uuid::encode_buffer();
-            let id = entry.message_id.hyphenated().encode_lower(&mut id_buf);
-            let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
-                key: "message-id",
-                value: Some(id.as_bytes()),
-            });
-            let record = BaseRecord::with_opaque_to(&self.topic, local)
+            let Some(topic) = self.destination(&entry) else {
+                self.metrics.presence_dropped.fetch_add(1, Relaxed);
+                continue;
+            };
+            let record = BaseRecord::with_opaque_to(topic, local)
                 .key(entry.key)
                 .payload(entry.payload)
-                .headers(headers);
+                .headers(self.headers(&entry));
             let outcome = match self.producer.send(record) {
                 Ok(()) => loop {
                     if stop.load(Relaxed) {
@@ -75,7 +71,7 @@ impl Pipeline {
                 Err(e) if is_permanent(&e) => {
                     let error = e.to_string();
                     let refused = Refused {
-                        topic: &self.topic,
+                        topic,
                         key: entry.key,
                         message_id: entry.message_id,
                         payload: entry.payload,

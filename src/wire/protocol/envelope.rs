@@ -21,6 +21,8 @@ pub struct Origin<'a> {
     pub server_id: &'a str,
     pub client_id: &'a Uuid,
     pub bound_device: Option<&'a str>,
+    /// The gateway's reply topic (PROTOCOL 6.1), when it has one.
+    pub reply_topic: Option<&'a str>,
 }
 
 /// Appends the ServerRequest JSON for `req` (no trailing newline).
@@ -65,7 +67,12 @@ pub fn write_envelope(
     out.extend_from_slice(message_id.hyphenated().encode_lower(&mut ids).as_bytes());
     out.extend_from_slice(b"\",\"receivedAt\":\"");
     out.extend_from_slice(received_at.as_bytes());
-    out.extend_from_slice(b"\"}");
+    out.push(b'"');
+    if let Some(topic) = origin.reply_topic {
+        out.extend_from_slice(b",\"replyTopic\":");
+        write_json_str(out, topic);
+    }
+    out.push(b'}');
 }
 
 /// The Kafka record key: bound deviceUid, else the claimed one, else clientId.
@@ -88,7 +95,7 @@ pub fn record_key<'a>(
 }
 
 /// An RFC 3339 UTC timestamp with milliseconds, e.g. `2026-11-25T22:00:00.123Z`.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Timestamp([u8; 24]);
 
 impl Timestamp {
@@ -132,6 +139,12 @@ impl Timestamp {
 
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
+    }
+}
+
+impl fmt::Debug for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 

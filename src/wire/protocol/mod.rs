@@ -7,12 +7,14 @@
 
 mod downlink;
 mod envelope;
+mod presence;
 mod reply;
 #[cfg(test)]
 mod tests;
 
 pub use downlink::{parse_server_response, ResponseError, ServerResponse};
 pub use envelope::{record_key, write_envelope, Origin, Timestamp, RECORD_OVERHEAD_BYTES};
+pub use presence::{write_presence, Change, Presence, Reason};
 pub use reply::{
     write_ack, write_auth_ok, write_error, write_json_str, write_pong, write_rejection,
 };

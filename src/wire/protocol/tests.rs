@@ -250,6 +250,7 @@ fn envelope_has_every_field_of_the_contract() {
         server_id: "gw-1",
         client_id: &client,
         bound_device: None,
+        reply_topic: None,
     };
     let mut out = Vec::new();
     write_envelope(
@@ -269,6 +270,15 @@ fn envelope_has_every_field_of_the_contract() {
     assert_eq!(v["deviceUid"], serde_json::Value::Null);
     assert_eq!(v["messageId"], mid.to_string());
     assert_eq!(v["receivedAt"], "2026-11-25T22:00:00.123Z");
+    assert_eq!(v.get("replyTopic"), None, "no reply topic, no field");
+    let mut out = Vec::new();
+    let replies = Origin {
+        reply_topic: Some("edgegate.replies.gw-1"),
+        ..origin
+    };
+    write_envelope(&mut out, &req, &replies, &mid, &Timestamp::now());
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["replyTopic"], "edgegate.replies.gw-1");
 
     let mut buf = [0u8; 45];
     assert_eq!(record_key(&req, &origin, &mut buf), b"dev-\"42");
@@ -282,6 +292,7 @@ fn envelope_has_every_field_of_the_contract() {
         server_id: "gw-1",
         client_id: &client,
         bound_device: None,
+        reply_topic: None,
     };
     assert_eq!(
         record_key(&anon, &origin, &mut buf),
@@ -372,16 +383,19 @@ fn record_overhead_covers_the_worst_envelope() {
     let client = Uuid::new_v4();
     let device: String = std::iter::repeat_n('\u{1}', 128).collect();
     let server: String = std::iter::repeat_n('s', 128).collect();
+    // Kafka's longest topic name.
+    let topic = "t".repeat(249);
     let origin = Origin {
         server_id: &server,
         client_id: &client,
         bound_device: Some(&device),
+        reply_topic: Some(&topic),
     };
     let mut out = Vec::new();
     write_envelope(&mut out, &req, &origin, &Uuid::new_v4(), &Timestamp::now());
     let mut buf = [0u8; 45];
     let key = record_key(&req, &origin, &mut buf).len();
-    let header = "message-id".len() + 36;
+    let header = "message-id".len() + 36 + "reply-topic".len() + topic.len();
     let added = out.len() + key + header - line.len();
     assert!(added <= RECORD_OVERHEAD_BYTES, "{added} bytes added");
 }
@@ -406,4 +420,36 @@ fn one_rule_for_device_uids() {
         let r = parse_frame(frame.as_bytes()).unwrap_err();
         assert_eq!(r.code, ErrorCode::BadRequest, "{bad:?}");
     }
+}
+
+#[test]
+fn presence_events_have_every_field_of_the_contract() {
+    let client = Uuid::new_v4();
+    let event = Presence {
+        change: Change::Disconnected(Reason::TakenOver),
+        device_uid: "dev-\"42".into(),
+        client_id: client,
+        at: Timestamp::from_unix_millis(1_795_644_000_123),
+    };
+    let mut out = Vec::new();
+    write_presence(&mut out, &event, "gw-1", Some("replies.gw-1"));
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"event":"disconnected","deviceUid":"dev-\"42","serverId":"gw-1",
+            "clientId":client.to_string(),"replyTopic":"replies.gw-1",
+            "at":"2026-11-25T22:00:00.123Z","reason":"taken_over"})
+    );
+    let connected = Presence {
+        change: Change::Connected,
+        ..event
+    };
+    let mut out = Vec::new();
+    write_presence(&mut out, &connected, "gw-1", None);
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(
+        (&v["event"], &v["replyTopic"]),
+        (&serde_json::json!("connected"), &serde_json::Value::Null)
+    );
+    assert_eq!(v.get("reason"), None);
 }
