@@ -259,3 +259,51 @@ fn hostile_device_uids_from_the_backend_are_escaped_in_the_log() {
     assert!(!log.lines().any(|l| l.starts_with("ERROR forged")), "{log}");
     assert!(!log.contains('\u{1b}'), "{log}");
 }
+
+#[test]
+fn a_device_that_never_stops_sending_still_gets_its_downlink() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    use std::sync::Arc;
+    use std::time::Instant;
+    let s = setup("gw-busy");
+    let (d, client) = s.device();
+    // Requests every 2 ms, faster than acks come back (tens of ms): the
+    // gateway always has input from this device waiting.
+    let mut writer = d.stream.try_clone().unwrap();
+    let sending = Arc::new(AtomicBool::new(true));
+    let flag = sending.clone();
+    let flood = std::thread::spawn(move || {
+        let until = Instant::now() + Duration::from_secs(6);
+        let mut n = 0;
+        while Instant::now() < until {
+            let line = format!("{{\"action\":\"t\",\"uid\":\"f{n}\"}}\n");
+            if writer.write_all(line.as_bytes()).is_err() {
+                break;
+            }
+            n += 1;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        flag.store(false, Relaxed);
+    });
+    let mut d = d;
+    std::thread::sleep(Duration::from_secs(1));
+    s.send(
+        Some(&client),
+        None,
+        json!({"action":"notice","uid":"busy","status":"ok"}),
+    );
+    loop {
+        let v = d.json();
+        if v["action"] == "notice" {
+            break;
+        }
+        assert_eq!(v["action"], "ack", "{v}");
+    }
+    // Before the flood ended (it once came only after the input stopped).
+    assert!(
+        sending.load(Relaxed),
+        "the downlink waited for the device to stop sending"
+    );
+    flood.join().unwrap();
+}

@@ -203,6 +203,7 @@ impl Connection {
                 if let Some(closed) = Box::pin(self.handle(work)).await? {
                     return Ok(closed);
                 }
+                self.downlink_between_turns().await?;
                 continue;
             }
             let transport = &mut self.transport;
@@ -283,7 +284,19 @@ impl Connection {
             if let Some(closed) = Box::pin(self.handle(work)).await? {
                 return Ok(Some(closed));
             }
+            self.downlink_between_turns().await?;
         }
+    }
+
+    /// A device that sends faster than its acks come back always has input
+    /// waiting, so this loop would never return to the run loop's wait:
+    /// its downlink goes out between turns instead of after the input stops.
+    async fn downlink_between_turns(&mut self) -> io::Result<()> {
+        if let Some(first) = self.mailbox.try_pop() {
+            let mailbox = self.mailbox.clone();
+            Box::pin(self.write_downlink(first, &mailbox)).await?;
+        }
+        Ok(())
     }
 
     /// Answers the frames of one read; yields now and then so that a

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The round trip of two gateway builds side by side, against one broker:
+#   benches/roundtrip.sh BIN_A BIN_B [ROUNDS]
+# Device -> gateway -> Kafka -> the bench's echo worker -> Kafka -> gateway
+# -> device, 50 connections at 5,000 requests/s for 10 s, through A then B
+# each round (default 3), each gateway on a fresh data directory. Prints
+# each run's line, then per build the median p50/p99 from send to echo and
+# of the way up and the way down.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ $# -ge 2 ] || { echo "usage: benches/roundtrip.sh BIN_A BIN_B [ROUNDS]" >&2; exit 64; }
+bin_a=$(realpath "$1") bin_b=$(realpath "$2") rounds="${3:-3}"
+.ci/install-tansu.sh
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+bench="${BENCH:-}"
+if [ -z "$bench" ]; then
+  cargo build --release --locked -p edgegate-bench >&2
+  bench="$PWD/target/release/edgegate-bench"
+fi
+work=$(mktemp -d "${TMPDIR:-/tmp}/roundtrip.XXXXXX")
+cleanup() { xargs -r kill 2>/dev/null <"$work/pids" || true; rm -rf "$work"; }
+touch "$work/pids"
+trap cleanup EXIT
+ulimit -n "$(ulimit -Hn)"
+
+broker=127.0.0.1:21692
+(cd "$work" && exec tansu broker --listener-url "tcp://$broker" --advertised-listener-url "tcp://$broker" \
+  --storage-engine memory://tansu/ >tansu.log 2>&1) &
+echo $! >>"$work/pids"
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/${broker%:*}/${broker#*:}") 2>/dev/null && break; sleep 0.1; done
+
+wait_http() { for _ in $(seq 400); do curl -sf "http://$1/$2" >/dev/null && return 0; sleep 0.025; done; return 1; }
+run() { # LABEL BIN N
+  local label=$1 bin=$2 n=$3 up="rt_up_$1_$3" down="rt_down_$1_$3"
+  for t in "$up" "$down"; do
+    tansu topic create "$t" --broker "tcp://$broker" --partitions 3 >/dev/null
+  done
+  env EDGEGATE_KAFKA_PRODUCER_TOPIC="$up" EDGEGATE_KAFKA_CONSUMER_TOPICS="$down" RUST_LOG=warn \
+    "$bin" --brokers "$broker" --listen 127.0.0.1:21603 --admin-listen 127.0.0.1:21683 \
+    --data-dir "$work/$label$n" >"$work/$label$n.log" 2>&1 &
+  local pid=$!
+  echo "$pid" >>"$work/pids"
+  wait_http 127.0.0.1:21683 readyz
+  echo "build=$label $("$bench" roundtrip --gateway 127.0.0.1:21603 --admin 127.0.0.1:21683 \
+    --brokers "$broker" --topic "$up" --reply-topic "$down" --partitions 3 --connections 50 \
+    --rate 5000 --seconds 10 2>/dev/null)" | tee -a "$work/results"
+  kill "$pid"
+  wait "$pid" 2>/dev/null || true
+}
+for i in $(seq "$rounds"); do
+  run a "$bin_a" "$i"
+  run b "$bin_b" "$i"
+done
+median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+field() { grep "build=$1 " "$work/results" | tr ' ' '\n' | sed -n "s/^$2=//p" | median; }
+for b in a b; do
+  echo "build $b: p50 $(field $b p50_ms) ms, p99 $(field $b p99_ms) ms; up p50/p99 $(field $b up_p50_ms)/$(field $b up_p99_ms) ms, down p50/p99 $(field $b down_p50_ms)/$(field $b down_p99_ms) ms; lost $(field $b lost) (medians of $rounds)"
+done
