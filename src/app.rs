@@ -16,6 +16,7 @@ use smol::{Executor, Task, Timer};
 use futures_rustls::TlsAcceptor;
 
 use crate::config::{AuthMode, Config};
+use crate::device::rate::RateLimits;
 use crate::device::{listener, Shared};
 use crate::kafka::consumer::DownlinkConsumer;
 use crate::kafka::producer::Pipeline;
@@ -297,6 +298,7 @@ pub fn start(checked: Checked) -> Result<Running, AppError> {
         router: router.clone(),
         appender,
         gate,
+        rate: RateLimits::new(config.limits.requests_per_sec, config.limits.burst),
         shutting_down: AtomicBool::new(false),
         open: AtomicUsize::new(0),
     });

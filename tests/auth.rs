@@ -436,3 +436,22 @@ fn token_refuses_identities_the_protocol_refuses() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("control characters"));
     }
 }
+
+#[test]
+fn a_device_has_one_rate_limit_across_its_connections() {
+    let t = token_gateway(
+        GatewayOptions::offline()
+            .env("EDGEGATE_LIMITS_REQUESTS_PER_SEC", 1)
+            .env("EDGEGATE_LIMITS_BURST", 2),
+    );
+    let mut first = t.authenticated("dev-rl");
+    ack_id(&first.request("a", "1", None, Value::Null));
+    ack_id(&first.request("a", "2", None, Value::Null));
+    // A new connection has a full bucket of its own; the device's is empty.
+    let mut second = t.authenticated("dev-rl");
+    let r = second.request("a", "3", None, Value::Null);
+    assert_eq!(r["errorCode"], "rate_limited", "{r}");
+    // Another device is not held back by it.
+    let mut other = t.authenticated("dev-other");
+    ack_id(&other.request("a", "4", None, Value::Null));
+}

@@ -83,6 +83,44 @@ fn every_device_error_code_with_its_exact_reply() {
 }
 
 #[test]
+fn json_a_backend_could_not_parse_is_refused() {
+    let gw = gateway();
+    let mut d = gw.device();
+    let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+    // 32 levels, the frame's own object included, are fine; 33 are not.
+    d.send(&format!(
+        r#"{{"action":"a","uid":"d31","data":{}}}"#,
+        nested(31)
+    ));
+    ack_id(&d.json());
+    for (n, uid) in [(32, "d32"), (1000, "d1000"), (30_000, "d30000")] {
+        d.send(&format!(
+            r#"{{"action":"a","uid":"{uid}","data":{}}}"#,
+            nested(n)
+        ));
+        let r = d.json();
+        assert_eq!(r["errorCode"], "bad_request", "{n} levels: {r}");
+        assert_eq!(r["uid"], uid, "{r}");
+    }
+    // Escaped lone surrogates, in data, in uid, in an unknown field.
+    for frame in [
+        r#"{"action":"a","uid":"s1","data":"\ud800"}"#,
+        r#"{"action":"a","uid":"\udc00"}"#,
+        r#"{"action":"a","uid":"s3","other":["\ud800x"]}"#,
+    ] {
+        d.send(frame);
+        assert_eq!(d.json()["errorCode"], "bad_json", "{frame}");
+    }
+    // A surrogate pair is a character like any other.
+    d.send(r#"{"action":"a","uid":"pair","data":"\ud83d\ude00"}"#);
+    ack_id(&d.json());
+    // Bytes that are not UTF-8, in a field the gateway otherwise ignores.
+    d.send_raw(b"{\"action\":\"a\",\"uid\":\"u8\",\"other\":\"\xff\"}\n");
+    assert_eq!(d.json()["errorCode"], "bad_json");
+    ack_id(&d.request("a", "after", None, Value::Null));
+}
+
+#[test]
 fn pings_are_answered_and_not_stored() {
     let gw = gateway();
     let mut d = gw.device();
@@ -385,4 +423,46 @@ fn the_device_subcommand_sends_stdin_and_prints_replies() {
         "{text}"
     );
     assert!(lines[2].contains("bad_json"), "{text}");
+}
+
+#[test]
+fn requests_over_the_rate_limit_are_refused_and_not_stored() {
+    let gw = Gateway::start(
+        GatewayOptions::offline()
+            .env("EDGEGATE_LIMITS_REQUESTS_PER_SEC", 5)
+            .env("EDGEGATE_LIMITS_BURST", 3),
+    );
+    let mut d = gw.device();
+    // Eight at once: the burst of three goes through, the rest wait.
+    for i in 0..8 {
+        d.send(&format!(r#"{{"action":"a","uid":"r{i}"}}"#));
+    }
+    let replies: Vec<Value> = (0..8).map(|_| d.json()).collect();
+    let acked = replies.iter().filter(|r| r["action"] == "ack").count();
+    assert_eq!(acked, 3, "{replies:?}");
+    let mut longest = 0;
+    for r in replies.iter().filter(|r| r["action"] != "ack") {
+        assert_eq!(r["errorCode"], "rate_limited", "{r}");
+        assert!(r["uid"].as_str().unwrap().starts_with('r'), "{r}");
+        let wait = r["retryAfterMs"].as_u64().expect("retryAfterMs");
+        assert!((1..=200).contains(&wait), "{r}");
+        longest = longest.max(wait);
+    }
+    // Pings are not limited.
+    for _ in 0..5 {
+        d.send("Ping");
+        assert_eq!(d.line().as_deref(), Some("Pong"));
+    }
+    // After the wait it was told, a request goes through again.
+    std::thread::sleep(Duration::from_millis(longest));
+    ack_id(&d.request("a", "later", None, Value::Null));
+    assert_eq!(
+        gw.metric("edgegate_errors_total{code=\"rate_limited\"}"),
+        5.0
+    );
+    assert_eq!(
+        gw.metric("edgegate_outbox_records"),
+        4.0,
+        "refused ones not stored"
+    );
 }

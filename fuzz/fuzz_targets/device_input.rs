@@ -47,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
     for line in whole.iter().flatten() {
         assert!(!line.is_empty() && line.len() <= max + 1 && !line.contains(&b'\n'));
         let mut out = Vec::new();
-        match protocol::parse_frame(line) {
+        match protocol::parse_frame(line, protocol::DEFAULT_MAX_JSON_DEPTH) {
             Err(rejection) => {
                 protocol::write_rejection(&mut out, &rejection);
                 json_line(&out);

@@ -117,6 +117,14 @@ pub const KEYS: &[Key] = &[
         flag: None,
         help: "longest frame, without its line terminator",
     },
+    // PROTOCOL 1.1; above serde_json's own limit of 128 it would mean nothing.
+    Key {
+        name: "listener.max_json_depth",
+        kind: number(1, 128),
+        default: "32",
+        flag: None,
+        help: "levels arrays and objects may nest in a frame, the frame itself included; deeper gets bad_request",
+    },
     Key {
         name: "listener.max_connections",
         kind: number(1, 10_000_000),
@@ -237,6 +245,21 @@ pub const KEYS: &[Key] = &[
         default: "268435456",
         flag: None,
         help: "bytes of held messages over all devices at most; past it the oldest is dropped and counted",
+    },
+    // PROTOCOL 7.
+    Key {
+        name: "limits.requests_per_sec",
+        kind: number(0, 10_000_000),
+        default: "0",
+        flag: None,
+        help: "requests a connection, and a bound device over all its connections, may send per second; more get rate_limited; 0: off",
+    },
+    Key {
+        name: "limits.burst",
+        kind: number(0, 100_000_000),
+        default: "0",
+        flag: None,
+        help: "requests that may come at once above the rate; 0: one second's worth",
     },
     // 1 GiB: hours of backlog on a hub's flash without filling it.
     Key {

@@ -53,6 +53,7 @@ pub struct Config {
     pub listener: ListenerConfig,
     pub kafka: KafkaConfig,
     pub downlink: DownlinkConfig,
+    pub limits: LimitsConfig,
     pub outbox: OutboxConfig,
     pub admin: AdminConfig,
     pub auth: AuthConfig,
@@ -94,6 +95,7 @@ pub struct TlsConfig {
 pub struct ListenerConfig {
     pub address: SocketAddr,
     pub max_frame_bytes: usize,
+    pub max_json_depth: usize,
     pub max_connections: usize,
     pub idle_timeout: Duration,
     pub max_pending_downlink: usize,
@@ -116,6 +118,13 @@ pub struct KafkaConfig {
     pub drain_timeout: Duration,
     /// Passed to librdkafka as is, after edgegate's own settings.
     pub properties: BTreeMap<String, String>,
+}
+
+/// Rate limits (PROTOCOL 7); 0 requests per second: off.
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    pub requests_per_sec: u64,
+    pub burst: u64,
 }
 
 /// The hold for devices not connected (PROTOCOL 6.3).
@@ -244,6 +253,7 @@ fn build(layers: &Layers<'_>) -> Result<Config, ConfigError> {
     let listener = ListenerConfig {
         address: layers.address("listener.address")?,
         max_frame_bytes: layers.number("listener.max_frame_bytes")? as usize,
+        max_json_depth: layers.number("listener.max_json_depth")? as usize,
         max_connections: layers.number("listener.max_connections")? as usize,
         idle_timeout: Duration::from_secs(layers.number("listener.idle_timeout_secs")?),
         max_pending_downlink: layers.number("listener.max_pending_downlink")? as usize,
@@ -311,6 +321,10 @@ fn build(layers: &Layers<'_>) -> Result<Config, ConfigError> {
         hold_max_per_device: layers.number("downlink.hold_max_per_device")? as usize,
         hold_max_bytes: layers.number("downlink.hold_max_bytes")?,
     };
+    let limits = LimitsConfig {
+        requests_per_sec: layers.number("limits.requests_per_sec")?,
+        burst: layers.number("limits.burst")?,
+    };
     let outbox = OutboxConfig {
         max_bytes: layers.number("outbox.max_bytes")?,
         flush_interval: Duration::from_millis(layers.number("outbox.flush_interval_ms")?),
@@ -328,6 +342,7 @@ fn build(layers: &Layers<'_>) -> Result<Config, ConfigError> {
         listener,
         kafka,
         downlink,
+        limits,
         outbox,
         admin,
         auth,

@@ -11,6 +11,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::ops::ControlFlow;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures_rustls::TlsAcceptor;
 use smol::{Async, Timer};
@@ -18,6 +19,7 @@ use uuid::Uuid;
 
 use crate::config::AuthMode;
 use crate::device::dispatch::{self, AuthState, Decision, Session};
+use crate::device::rate::Bucket;
 use crate::device::transport::{Ready, Transport};
 use crate::device::turn::{self, error, refuse, Closed, Reply, Work};
 use crate::device::{budget, handshake, Shared};
@@ -137,6 +139,7 @@ async fn open(
         stash: Vec::new(),
         stash_used: 0,
         partial_held: 0,
+        rate: shared.rate.as_ref().map(|r| r.bucket(Instant::now())),
     };
     let end = conn.run(&mailbox).await;
     conn.transport.close().await;
@@ -173,6 +176,8 @@ struct Connection {
     stash_used: usize,
     /// What this connection's partial frame counts in `partial_bytes`.
     partial_held: usize,
+    /// Its token bucket when rate limits are on.
+    rate: Option<Bucket>,
 }
 
 enum Wake {
@@ -203,7 +208,9 @@ impl Connection {
                 if let Some(closed) = Box::pin(self.handle(work)).await? {
                     return Ok(closed);
                 }
-                self.downlink_between_turns().await?;
+                if !self.mailbox.is_empty() {
+                    Box::pin(self.downlink_between_turns()).await?;
+                }
                 continue;
             }
             let transport = &mut self.transport;
@@ -284,7 +291,10 @@ impl Connection {
             if let Some(closed) = Box::pin(self.handle(work)).await? {
                 return Ok(Some(closed));
             }
-            self.downlink_between_turns().await?;
+            if !self.mailbox.is_empty() {
+                // Boxed only then: most turns have no downlink waiting.
+                Box::pin(self.downlink_between_turns()).await?;
+            }
         }
     }
 
@@ -331,6 +341,7 @@ impl Connection {
             auth,
             transport,
             mailbox,
+            rate,
             ..
         } = self;
         let shared = &**shared;
@@ -347,6 +358,7 @@ impl Connection {
                 bound: bound.as_deref(),
                 shutting_down: shared.shutting_down.load(Relaxed),
                 max_frame_bytes: shared.limits.max_frame_bytes,
+                max_json_depth: shared.limits.max_json_depth,
             };
             let start = work.text.len();
             match dispatch::decide(frame, &session, |req| shared.gate.authenticate(req)) {
@@ -410,6 +422,15 @@ impl Connection {
                     work.replies.push(Reply::Ready(start..work.text.len()));
                 }
                 Decision::Accept(req) => {
+                    if let (Some(limits), Some(bucket)) = (&shared.rate, rate.as_mut()) {
+                        if let Err(wait) = limits.admit(bucket, bound.as_ref(), Instant::now()) {
+                            shared.metrics.error(ErrorCode::RateLimited);
+                            let ms = wait.as_millis().max(1) as u64;
+                            protocol::write_rate_limited(&mut work.text, req.uid.raw, ms);
+                            work.replies.push(Reply::Ready(start..work.text.len()));
+                            return;
+                        }
+                    }
                     let message_id = ids::new_v4();
                     let origin = Origin {
                         server_id: &shared.server_id,

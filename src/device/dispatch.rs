@@ -30,6 +30,7 @@ pub struct Session<'s> {
     pub bound: Option<&'s str>,
     pub shutting_down: bool,
     pub max_frame_bytes: usize,
+    pub max_json_depth: usize,
 }
 
 /// The device's claim in an auth frame, checked by the caller's
@@ -92,7 +93,7 @@ pub fn decide<'f>(
         }
         Frame::Line(line) => line,
     };
-    let req = match protocol::parse_frame(line) {
+    let req = match protocol::parse_frame(line, session.max_json_depth) {
         // Pings are answered whatever the state, and do not authenticate.
         Ok(Inbound::TextPing) => return Decision::Pong,
         Ok(Inbound::JsonPing(uid)) => return Decision::JsonPong { uid: uid.raw },

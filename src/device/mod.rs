@@ -7,6 +7,7 @@ pub mod connection;
 pub mod dispatch;
 pub mod handshake;
 pub mod listener;
+pub mod rate;
 pub mod transport;
 mod turn;
 
@@ -29,6 +30,8 @@ pub struct Shared {
     pub router: Arc<Router>,
     pub appender: Appender,
     pub gate: Gate,
+    /// `limits.*` (PROTOCOL 7); `None`: off.
+    pub rate: Option<rate::RateLimits>,
     /// Set when shutdown begins: later frames get `shutting_down`.
     pub shutting_down: AtomicBool,
     pub open: AtomicUsize,

@@ -25,7 +25,7 @@ pub struct Metrics {
     pub partial_bytes: AtomicI64,
     pub frames: AtomicU64,
     pub acks: AtomicU64,
-    pub errors: [AtomicU64; 8],
+    pub errors: [AtomicU64; ErrorCode::ALL.len()],
 
     pub outbox_records: AtomicI64,
     pub outbox_batches: AtomicI64,

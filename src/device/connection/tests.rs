@@ -37,6 +37,7 @@ fn an_idle_connection_task_stays_small() {
         limits: ListenerConfig {
             address: "127.0.0.1:0".parse().unwrap(),
             max_frame_bytes: 65536,
+            max_json_depth: 32,
             max_connections: 10,
             idle_timeout: Duration::from_secs(300),
             max_pending_downlink: 10,
@@ -52,6 +53,7 @@ fn an_idle_connection_task_stays_small() {
         )),
         appender,
         gate: crate::security::auth::Gate::new(&auth, metrics).unwrap(),
+        rate: None,
         shutting_down: Default::default(),
         open: Default::default(),
     });

@@ -9,6 +9,7 @@ fn session(auth: AuthState) -> Session<'static> {
         bound: None,
         shutting_down: false,
         max_frame_bytes: 100,
+        max_json_depth: 32,
     }
 }
 

@@ -9,6 +9,7 @@ mod downlink;
 mod envelope;
 mod presence;
 mod reply;
+mod shape;
 #[cfg(test)]
 mod tests;
 
@@ -16,13 +17,15 @@ pub use downlink::{parse_server_response, ResponseError, ServerResponse};
 pub use envelope::{record_key, write_envelope, Origin, Timestamp, RECORD_OVERHEAD_BYTES};
 pub use presence::{write_presence, Change, Presence, Reason};
 pub use reply::{
-    write_ack, write_auth_ok, write_error, write_json_str, write_pong, write_rejection,
+    write_ack, write_auth_ok, write_error, write_json_str, write_pong, write_rate_limited,
+    write_rejection,
 };
 
 use std::borrow::Cow;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use shape::ShapeError;
 
 /// Longest `action`, `uid` or `deviceUid`, in bytes.
 pub const MAX_ID_BYTES: usize = 128;
@@ -37,11 +40,12 @@ pub enum ErrorCode {
     Unauthorized,
     ServerBusy,
     ShuttingDown,
+    RateLimited,
     Internal,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 8] = [
+    pub const ALL: [ErrorCode; 9] = [
         ErrorCode::BadJson,
         ErrorCode::BadRequest,
         ErrorCode::FrameTooLarge,
@@ -49,6 +53,7 @@ impl ErrorCode {
         ErrorCode::Unauthorized,
         ErrorCode::ServerBusy,
         ErrorCode::ShuttingDown,
+        ErrorCode::RateLimited,
         ErrorCode::Internal,
     ];
 
@@ -61,6 +66,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::ServerBusy => "server_busy",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Internal => "internal",
         }
     }
@@ -132,10 +138,42 @@ struct RawRequest<'a> {
     data: Option<&'a RawValue>,
 }
 
-/// Parses and validates one frame (a line without its terminator).
-pub fn parse_frame(line: &[u8]) -> Result<Inbound<'_>, Rejection> {
+/// The default of `listener.max_json_depth` (PROTOCOL 1.1).
+pub const DEFAULT_MAX_JSON_DEPTH: usize = 32;
+
+/// Parses and validates one frame (a line without its terminator); arrays
+/// and objects may nest `max_depth` levels, the frame's own included.
+pub fn parse_frame(line: &[u8], max_depth: usize) -> Result<Inbound<'_>, Rejection> {
     if line == b"Ping" {
         return Ok(Inbound::TextPing);
+    }
+    match shape::check_shape(line, max_depth) {
+        Ok(()) => {}
+        Err(ShapeError::NotUtf8) => {
+            return Err(Rejection::new(
+                None,
+                ErrorCode::BadJson,
+                "the frame is not valid UTF-8",
+            ))
+        }
+        Err(ShapeError::LoneSurrogate) => {
+            return Err(Rejection::new(
+                None,
+                ErrorCode::BadJson,
+                "the frame holds an escaped lone surrogate (\\ud800 to \\udfff without its pair), which is no Unicode text",
+            ))
+        }
+        Err(ShapeError::TooDeep) => {
+            // The uid is still read (serde skips `data` without recursing).
+            let uid = serde_json::from_slice::<RawRequest<'_>>(line)
+                .ok()
+                .and_then(|r| optional_str(r.uid).ok().flatten());
+            return Err(Rejection::new(
+                uid.as_ref(),
+                ErrorCode::BadRequest,
+                format!("arrays and objects nest deeper than {max_depth} levels"),
+            ));
+        }
     }
     let bad_json = |e: serde_json::Error| {
         Rejection::new(

@@ -37,6 +37,17 @@ pub fn write_error(out: &mut Vec<u8>, uid_json: Option<&str>, code: ErrorCode, m
     out.extend_from_slice(b"}\n");
 }
 
+/// Appends a `rate_limited` error with `retryAfterMs` (PROTOCOL 7).
+pub fn write_rate_limited(out: &mut Vec<u8>, uid_json: &str, retry_after_ms: u64) {
+    out.extend_from_slice(b"{\"action\":\"error\",\"uid\":");
+    out.extend_from_slice(uid_json.as_bytes());
+    out.extend_from_slice(
+        b",\"status\":\"error\",\"errorCode\":\"rate_limited\",\"errorMessage\":\"over the rate limit: nothing was stored; send it again after retryAfterMs\",\"retryAfterMs\":",
+    );
+    out.extend_from_slice(retry_after_ms.to_string().as_bytes());
+    out.extend_from_slice(b"}\n");
+}
+
 pub fn write_rejection(out: &mut Vec<u8>, r: &Rejection) {
     write_error(out, r.uid_json.as_deref(), r.code, &r.message);
 }

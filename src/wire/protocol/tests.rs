@@ -3,14 +3,14 @@ use uuid::Uuid;
 use super::*;
 
 fn reject(line: &str) -> Rejection {
-    match parse_frame(line.as_bytes()) {
+    match parse_frame(line.as_bytes(), DEFAULT_MAX_JSON_DEPTH) {
         Err(r) => r,
         Ok(other) => panic!("{line} was accepted as {other:?}"),
     }
 }
 
 fn request(line: &str) -> Request<'_> {
-    match parse_frame(line.as_bytes()) {
+    match parse_frame(line.as_bytes(), DEFAULT_MAX_JSON_DEPTH) {
         Ok(Inbound::Request(r)) => r,
         other => panic!("{line} gave {other:?}"),
     }
@@ -28,7 +28,7 @@ proptest::proptest! {
         edits in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 0..4),
     ) {
         let frame = serde_json::json!({"action":"auth","uid":"a1","deviceUid":device,"data":{"token":token}}).to_string();
-        match parse_frame(frame.as_bytes()) {
+        match parse_frame(frame.as_bytes(), DEFAULT_MAX_JSON_DEPTH) {
             Ok(Inbound::Request(req)) => {
                 let claim = auth_claim(&req).unwrap();
                 proptest::prop_assert_eq!(&*claim.device_uid, device.as_str());
@@ -42,7 +42,7 @@ proptest::proptest! {
             let at = at % damaged.len();
             damaged[at] = byte;
         }
-        if let Ok(Inbound::Request(req)) = parse_frame(&damaged) {
+        if let Ok(Inbound::Request(req)) = parse_frame(&damaged, DEFAULT_MAX_JSON_DEPTH) {
             let _ = auth_claim(&req);
         }
     }
@@ -116,8 +116,11 @@ fn escaped_strings_are_decoded_for_checks_and_kept_raw_for_splicing() {
 
 #[test]
 fn pings() {
-    assert!(matches!(parse_frame(b"Ping"), Ok(Inbound::TextPing)));
-    match parse_frame(br#"{"action":"ping","uid":"p1"}"#) {
+    assert!(matches!(
+        parse_frame(b"Ping", DEFAULT_MAX_JSON_DEPTH),
+        Ok(Inbound::TextPing)
+    ));
+    match parse_frame(br#"{"action":"ping","uid":"p1"}"#, DEFAULT_MAX_JSON_DEPTH) {
         Ok(Inbound::JsonPing(uid)) => assert_eq!(uid.raw, "\"p1\""),
         other => panic!("{other:?}"),
     }
@@ -130,7 +133,9 @@ fn bad_json_cases() {
     }
     let invalid_utf8 = b"{\"action\":\"a\",\"uid\":\"\xff\"}";
     assert_eq!(
-        parse_frame(invalid_utf8).unwrap_err().code,
+        parse_frame(invalid_utf8, DEFAULT_MAX_JSON_DEPTH)
+            .unwrap_err()
+            .code,
         ErrorCode::BadJson
     );
 }
@@ -417,7 +422,7 @@ fn one_rule_for_device_uids() {
     ] {
         assert!(!valid_device_uid(bad), "{bad:?}");
         let frame = serde_json::json!({"action":"t","uid":"u","deviceUid":bad}).to_string();
-        let r = parse_frame(frame.as_bytes()).unwrap_err();
+        let r = parse_frame(frame.as_bytes(), DEFAULT_MAX_JSON_DEPTH).unwrap_err();
         assert_eq!(r.code, ErrorCode::BadRequest, "{bad:?}");
     }
 }
