@@ -466,3 +466,22 @@ fn requests_over_the_rate_limit_are_refused_and_not_stored() {
         "refused ones not stored"
     );
 }
+
+#[test]
+fn admin_head_requests_get_no_body_and_other_methods_405() {
+    let gw = gateway();
+    let (status, head, body) = http(gw.admin_port, "HEAD", "/metrics").unwrap();
+    assert_eq!((status, body.as_str()), (200, ""), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(length > 1000, "the length the body would have: {head}");
+    let (status, _, body) = http(gw.admin_port, "HEAD", "/readyz").unwrap();
+    assert_eq!((status, body.as_str()), (200, ""));
+    let (status, _, _) = http(gw.admin_port, "POST", "/metrics").unwrap();
+    assert_eq!(status, 405);
+    let (status, _, body) = http(gw.admin_port, "GET", "/nowhere").unwrap();
+    assert_eq!((status, body.as_str()), (404, "not found\n"));
+}

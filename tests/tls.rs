@@ -47,7 +47,8 @@ impl Pki {
             "ca",
             "server",
             "/CN=edgegate-test",
-            "subjectAltName=IP:127.0.0.1",
+            // As the README's recipe makes it: for servers only.
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
         );
         pki
     }
@@ -387,6 +388,33 @@ fn mtls_binds_to_the_certificate_and_refuses_the_rest() {
         assert!(Instant::now() < deadline, "downlink by CN never arrived");
     }
     assert_eq!(gw.metric("edgegate_auth_ok_total"), 1.0);
+}
+
+#[test]
+fn mtls_refuses_a_certificate_that_is_not_for_clients() {
+    let pki = Pki::new();
+    // The hub's own certificate, from the same CA, and a device certificate
+    // whose extended key usage names servers only.
+    pki.issue(
+        "ca",
+        "server-only",
+        "/CN=dev-s1",
+        "extendedKeyUsage=serverAuth",
+    );
+    let (gw, tls_port) = mtls_gateway(&pki, GatewayOptions::offline(), None);
+    for identity in ["server", "server-only"] {
+        let refused = TlsDevice::connect(tls_port, pki.client("ca", Some(identity)))
+            .and_then(|mut d| d.send(b"Ping\n").and_then(|_| d.line()));
+        assert!(refused.is_err(), "{identity} was accepted as a device");
+    }
+    gw.wait_metric(
+        "edgegate_tls_handshake_errors_total{reason=\"bad_certificate\"}",
+        |v| v == 2.0,
+    );
+    // A certificate for clients from the same CA still works.
+    pki.device("ca", "dev1", "dev-s2");
+    let mut d = TlsDevice::connect(tls_port, pki.client("ca", Some("dev1"))).unwrap();
+    ack_id(&d.request("ok", None, json!({})));
 }
 
 #[test]

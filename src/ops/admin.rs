@@ -68,11 +68,13 @@ async fn handle(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
         }
         head.extend_from_slice(&buf[..n]);
         if head.len() > MAX_HEAD {
+            let body = "too large\n";
             return respond(
                 &mut stream,
                 "431 Request Header Fields Too Large",
                 "text/plain",
-                "too large\n",
+                body.len(),
+                Some(body),
             )
             .await;
         }
@@ -82,53 +84,58 @@ async fn handle(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
-    if method != "GET" && method != "HEAD" {
-        return respond(
-            &mut stream,
-            "405 Method Not Allowed",
-            "text/plain",
-            "only GET\n",
-        )
-        .await;
-    }
-    match path {
-        "/healthz" => respond(&mut stream, "200 OK", "text/plain", "ok\n").await,
-        "/readyz" => {
+    let metrics;
+    let (status, content_type, body) = match (method, path) {
+        ("GET" | "HEAD", "/healthz") => ("200 OK", "text/plain", "ok\n"),
+        ("GET" | "HEAD", "/readyz") => {
             // Ready: the listener is up, the gateway is not stopping, and
             // the outbox takes requests.
-            let why = if !admin.ready.load(SeqCst) {
-                Some("not ready: starting or shutting down\n")
+            if !admin.ready.load(SeqCst) {
+                (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "not ready: starting or shutting down\n",
+                )
             } else if admin.metrics.outbox_full.load(SeqCst) != 0 {
-                Some("not ready: the outbox is full (requests get outbox_full)\n")
+                (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "not ready: the outbox is full (requests get outbox_full)\n",
+                )
             } else {
-                None
-            };
-            match why {
-                None => respond(&mut stream, "200 OK", "text/plain", "ready\n").await,
-                Some(why) => {
-                    respond(&mut stream, "503 Service Unavailable", "text/plain", why).await
-                }
+                ("200 OK", "text/plain", "ready\n")
             }
         }
-        "/metrics" => {
-            let body = admin.metrics.render();
-            respond(&mut stream, "200 OK", "text/plain; version=0.0.4", &body).await
+        ("GET" | "HEAD", "/metrics") => {
+            metrics = admin.metrics.render();
+            ("200 OK", "text/plain; version=0.0.4", metrics.as_str())
         }
-        _ => respond(&mut stream, "404 Not Found", "text/plain", "not found\n").await,
-    }
+        ("GET" | "HEAD", _) => ("404 Not Found", "text/plain", "not found\n"),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET and HEAD\n",
+        ),
+    };
+    // HEAD: the same head, with the length the body would have, and no body.
+    let length = body.len();
+    let body = if method == "HEAD" { None } else { Some(body) };
+    respond(&mut stream, status, content_type, length, body).await
 }
 
 async fn respond(
     stream: &mut TcpStream,
     status: &str,
     content_type: &str,
-    body: &str,
+    length: usize,
+    body: Option<&str>,
 ) -> std::io::Result<()> {
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
     );
     stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
+    if let Some(body) = body {
+        stream.write_all(body.as_bytes()).await?;
+    }
     stream.flush().await
 }

@@ -1,21 +1,20 @@
-//! Device authentication (PROTOCOL 5): HMAC tokens, the revocation list and
-//! brute-force damping. TLS itself lives in `tls`.
+//! Device authentication (PROTOCOL 5): HMAC tokens and the revocation list;
+//! damping of failing addresses is in `damping`, TLS in `tls`.
 //!
 //! Nothing here logs a token or key bytes: refusals name the device and the
 //! reason, never the secret.
 
-use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
+use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use ring::hmac;
 
 use crate::config::{AuthConfig, AuthMode};
 use crate::ops::metrics::{AuthFailure, Metrics};
+use crate::security::damping::Damper;
 use crate::wire::protocol::{self, Request};
 
 /// Everything a connection needs to authenticate.
@@ -80,14 +79,6 @@ pub const REVOKED: &str = "this device is revoked";
 /// Shorter keys make HMAC-SHA256 guessable sooner than its output length
 /// suggests; 32 bytes is what `head -c 32 /dev/urandom` gives.
 pub const MIN_KEY_BYTES: u64 = 32;
-/// Failed authentications from one address, within [`DAMP_WINDOW`], that
-/// close its new connections for [`DAMP_WINDOW`] (PROTOCOL 5).
-pub const DAMP_FAILURES: usize = 5;
-pub const DAMP_WINDOW: Duration = Duration::from_secs(60);
-/// Addresses remembered at most; past it, expired entries are dropped and,
-/// if all are live, new addresses are not tracked (memory stays bounded
-/// even under a spoofed-address flood).
-const DAMP_MAX_ADDRESSES: usize = 100_000;
 /// How often the revocation file is checked for changes.
 pub const REVOCATION_POLL: Duration = Duration::from_secs(1);
 
@@ -299,77 +290,6 @@ fn parse_revoked(text: &str) -> HashSet<Box<str>> {
         .collect()
 }
 
-/// Brute-force damping by source address (PROTOCOL 5).
-pub struct Damper {
-    metrics: Arc<Metrics>,
-    table: Mutex<HashMap<IpAddr, Record>>,
-}
-
-#[derive(Default)]
-struct Record {
-    /// Times of recent failures, oldest first, at most `DAMP_FAILURES`.
-    failures: Vec<Instant>,
-    closed_until: Option<Instant>,
-}
-
-impl Record {
-    fn expired(&self, now: Instant) -> bool {
-        self.closed_until.is_none_or(|t| t <= now)
-            && self
-                .failures
-                .last()
-                .is_none_or(|t| now.duration_since(*t) >= DAMP_WINDOW)
-    }
-}
-
-impl Damper {
-    pub fn new(metrics: Arc<Metrics>) -> Damper {
-        Damper {
-            metrics,
-            table: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// True when connections from `ip` are to be closed at once.
-    pub fn is_damped(&self, ip: IpAddr) -> bool {
-        let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        let damped = table
-            .get(&ip)
-            .and_then(|r| r.closed_until)
-            .is_some_and(|t| t > Instant::now());
-        if damped {
-            self.metrics.auth_damped.fetch_add(1, Relaxed);
-        }
-        damped
-    }
-
-    /// Counts one failed authentication from `ip`.
-    pub fn failure(&self, ip: IpAddr) {
-        let now = Instant::now();
-        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        if table.len() >= DAMP_MAX_ADDRESSES && !table.contains_key(&ip) {
-            table.retain(|_, r| !r.expired(now));
-            if table.len() >= DAMP_MAX_ADDRESSES {
-                return;
-            }
-        }
-        let record = table.entry(ip).or_default();
-        record
-            .failures
-            .retain(|t| now.duration_since(*t) < DAMP_WINDOW);
-        record.failures.push(now);
-        if record.failures.len() >= DAMP_FAILURES {
-            record.failures.clear();
-            record.closed_until = Some(now + DAMP_WINDOW);
-            log::warn!(
-                "{DAMP_FAILURES} failed authentications from {ip} within {}s: closing its connections for {}s",
-                DAMP_WINDOW.as_secs(),
-                DAMP_WINDOW.as_secs()
-            );
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,29 +380,5 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert!(r.reload_if_changed().is_some());
         assert!(!r.is_revoked("c"));
-    }
-
-    #[test]
-    fn five_failures_in_the_window_damp_that_address_only() {
-        let d = Damper::new(Arc::new(Metrics::default()));
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
-        for _ in 0..DAMP_FAILURES - 1 {
-            d.failure(a);
-        }
-        assert!(!d.is_damped(a));
-        d.failure(a);
-        assert!(d.is_damped(a));
-        assert!(!d.is_damped(b));
-        assert_eq!(d.metrics.auth_damped.load(Relaxed), 1);
-    }
-
-    #[test]
-    fn damping_table_stays_bounded() {
-        let d = Damper::new(Arc::new(Metrics::default()));
-        for i in 0..(DAMP_MAX_ADDRESSES as u32 + 10) {
-            d.failure(IpAddr::from(i.to_be_bytes()));
-        }
-        assert!(d.table.lock().unwrap().len() <= DAMP_MAX_ADDRESSES);
     }
 }

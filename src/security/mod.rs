@@ -1,6 +1,7 @@
-//! Who a connection is: token keys, the revocation list and damping of
-//! failing addresses (`auth`), and the TLS listener's configuration
-//! (`tls`).
+//! Who a connection is: token keys and the revocation list (`auth`),
+//! damping of addresses that keep failing (`damping`), and the TLS
+//! listener's configuration (`tls`).
 
 pub mod auth;
+pub mod damping;
 pub mod tls;

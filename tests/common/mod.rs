@@ -660,14 +660,20 @@ pub fn rss_kib(pid: u32) -> u64 {
 }
 
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let (status, _, body) = http(port, "GET", path)?;
+    Some((status, body))
+}
+
+/// One request to the admin endpoint: status, head and body.
+pub fn http(port: u16, method: &str, path: &str) -> Option<(u16, String, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n")?.1.to_owned();
-    Some((status, body))
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    Some((status, head.to_owned(), body.to_owned()))
 }
 
 // --------------------------------------------------------------- device ----
