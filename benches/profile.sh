@@ -16,12 +16,15 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
 # The release profile with symbols, in a target directory of its own; or
 # BIN=path (another build, e.g. before a change: totals need no symbols) and
-# OUT=path for its figures.
+# OUT=path for its figures;
+# BENCH=path: an edgegate-bench already built (then, with BIN, nothing is).
 bin="${BIN:-$PWD/target/profiling/release/edgegate}"
-bench="$PWD/target/profiling/release/edgegate-bench"
+bench="${BENCH:-$PWD/target/profiling/release/edgegate-bench}"
 out="${OUT:-$PWD/benches/profile.txt}"
-CARGO_TARGET_DIR=target/profiling CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
-  cargo build --release --locked --workspace >&2
+if [ -z "${BIN:-}" ] || [ -z "${BENCH:-}" ]; then
+  CARGO_TARGET_DIR=target/profiling CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
+    cargo build --release --locked --workspace >&2
+fi
 work=$(mktemp -d)
 cleanup() { xargs -r kill 2>/dev/null <"$work/pids" || true; rm -rf "$work"; }
 touch "$work/pids"

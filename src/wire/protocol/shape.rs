@@ -13,73 +13,171 @@ pub enum ShapeError {
     TooDeep,
 }
 
-/// One pass over the frame. Syntax errors are left to the parser.
+/// Bytes that matter outside strings.
+const STRUCTURAL: [bool; 256] = {
+    let mut t = [false; 256];
+    t[b'{' as usize] = true;
+    t[b'}' as usize] = true;
+    t[b'[' as usize] = true;
+    t[b']' as usize] = true;
+    t[b'"' as usize] = true;
+    t
+};
+
+/// One pass over the frame, jumping from one byte that matters to the
+/// next (a tight loop: this runs on every request). Syntax errors are left
+/// to the parser.
 pub fn check_shape(line: &[u8], max_depth: usize) -> Result<(), ShapeError> {
     if std::str::from_utf8(line).is_err() {
         return Err(ShapeError::NotUtf8);
     }
     let mut depth = 0usize;
     let mut i = 0;
-    while i < line.len() {
+    while let Some(off) = line[i..].iter().position(|&b| STRUCTURAL[b as usize]) {
+        i += off;
         match line[i] {
             b'{' | b'[' => {
                 depth += 1;
                 if depth > max_depth {
                     return Err(ShapeError::TooDeep);
                 }
+                i += 1;
             }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            b'"' => i = check_string(line, i + 1)?,
-            _ => {}
+            b'"' => i = check_string(line, i + 1)? + 1,
+            _ => {
+                depth = depth.saturating_sub(1);
+                i += 1;
+            }
         }
-        i += 1;
+        if i >= line.len() {
+            break;
+        }
     }
     Ok(())
 }
 
-/// Checks the string starting at `start` (after its opening quote) for
-/// lone surrogates; returns the index of its closing quote (or the end).
+/// The code unit of the four hex digits at `at`, if they are that.
+fn hex4(line: &[u8], at: usize) -> Option<u16> {
+    let digits = std::str::from_utf8(line.get(at..at + 4)?).ok()?;
+    u16::from_str_radix(digits, 16).ok()
+}
+
+/// Checks the string whose first byte is at `start` (after the opening
+/// quote) for lone surrogates; returns the index of its closing quote, or
+/// the end of the line.
 fn check_string(line: &[u8], start: usize) -> Result<usize, ShapeError> {
     let mut i = start;
-    // A high surrogate was just read: the next thing must be its low half.
-    let mut pending_high = false;
-    while i < line.len() {
-        match line[i] {
-            b'"' => break,
-            b'\\' if line.get(i + 1) == Some(&b'u') => {
-                let unit = line
-                    .get(i + 2..i + 6)
-                    .and_then(|h| std::str::from_utf8(h).ok())
-                    .and_then(|h| u16::from_str_radix(h, 16).ok());
-                let Some(unit) = unit else {
-                    return Ok(i); // a bad escape: the parser says so
-                };
-                match unit {
-                    0xD800..=0xDBFF if pending_high => return Err(ShapeError::LoneSurrogate),
-                    0xD800..=0xDBFF => pending_high = true,
-                    0xDC00..=0xDFFF if pending_high => pending_high = false,
-                    0xDC00..=0xDFFF => return Err(ShapeError::LoneSurrogate),
-                    _ if pending_high => return Err(ShapeError::LoneSurrogate),
-                    _ => {}
-                }
-                i += 6;
-                continue;
-            }
-            _ if pending_high => return Err(ShapeError::LoneSurrogate),
-            b'\\' => i += 1, // skip the escaped character
-            _ => {}
+    loop {
+        let Some(off) = line[i..].iter().position(|&b| b == b'"' || b == b'\\') else {
+            return Ok(line.len());
+        };
+        i += off;
+        if line[i] == b'"' {
+            return Ok(i);
         }
-        i += 1;
+        match line.get(i + 1) {
+            Some(b'u') => match hex4(line, i + 2) {
+                Some(0xD800..=0xDBFF) => {
+                    // A high surrogate must be followed at once by a low one.
+                    let low = match (line.get(i + 6), line.get(i + 7)) {
+                        (Some(b'\\'), Some(b'u')) => hex4(line, i + 8),
+                        _ => None,
+                    };
+                    if !matches!(low, Some(0xDC00..=0xDFFF)) {
+                        return Err(ShapeError::LoneSurrogate);
+                    }
+                    i += 12;
+                }
+                Some(0xDC00..=0xDFFF) => return Err(ShapeError::LoneSurrogate),
+                Some(_) => i += 6,
+                None => i += 2, // a bad escape: the parser says so
+            },
+            Some(_) => i += 2,
+            None => return Ok(line.len()),
+        }
+        if i >= line.len() {
+            return Ok(line.len());
+        }
     }
-    if pending_high {
-        return Err(ShapeError::LoneSurrogate);
-    }
-    Ok(i)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// The first version, a byte at a time: the model for the fast one.
+    fn model(line: &[u8], max_depth: usize) -> Result<(), ShapeError> {
+        if std::str::from_utf8(line).is_err() {
+            return Err(ShapeError::NotUtf8);
+        }
+        let (mut depth, mut i) = (0usize, 0);
+        while i < line.len() {
+            match line[i] {
+                b'{' | b'[' => {
+                    depth += 1;
+                    if depth > max_depth {
+                        return Err(ShapeError::TooDeep);
+                    }
+                }
+                b'}' | b']' => depth = depth.saturating_sub(1),
+                b'"' => {
+                    i += 1;
+                    let mut pending_high = false;
+                    while i < line.len() {
+                        match line[i] {
+                            b'"' => break,
+                            b'\\' if line.get(i + 1) == Some(&b'u') => {
+                                let Some(unit) = hex4(line, i + 2) else {
+                                    if pending_high {
+                                        return Err(ShapeError::LoneSurrogate);
+                                    }
+                                    i += 2;
+                                    continue;
+                                };
+                                match unit {
+                                    0xD800..=0xDBFF if pending_high => {
+                                        return Err(ShapeError::LoneSurrogate)
+                                    }
+                                    0xD800..=0xDBFF => pending_high = true,
+                                    0xDC00..=0xDFFF if pending_high => pending_high = false,
+                                    0xDC00..=0xDFFF => return Err(ShapeError::LoneSurrogate),
+                                    _ if pending_high => return Err(ShapeError::LoneSurrogate),
+                                    _ => {}
+                                }
+                                i += 6;
+                                continue;
+                            }
+                            _ if pending_high => return Err(ShapeError::LoneSurrogate),
+                            b'\\' => i += 1,
+                            _ => {}
+                        }
+                        i += 1;
+                    }
+                    if pending_high {
+                        return Err(ShapeError::LoneSurrogate);
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn the_fast_scan_agrees_with_the_model(
+            parts in proptest::collection::vec(prop::sample::select(vec![
+                "{", "}", "[", "]", "\"", "\\", "\\\"", "\\u", "d800", "DBFF", "dc00",
+                "\\ud83d", "\\ude00", "0041", "a", ":", ",", "\\\\", "\u{e9}",
+            ]), 0..40),
+            depth in 1usize..6,
+        ) {
+            let line = parts.concat();
+            prop_assert_eq!(check_shape(line.as_bytes(), depth), model(line.as_bytes(), depth), "{}", line);
+        }
+    }
 
     #[test]
     fn depth_counts_from_the_frame_itself_outside_strings() {
