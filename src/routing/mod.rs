@@ -290,14 +290,16 @@ impl Router {
     /// Forgets a connection that ended; `reason` is why, as the connection
     /// saw it (the router's own reason for closing it comes first).
     pub fn unregister(&self, client_id: &Uuid, reason: Reason) {
-        let leftovers: Vec<Downlink> = match self.tables().clients.get(client_id) {
+        // One lock for all of it: a message routed to this connection
+        // between draining its mailbox and removing it would be lost.
+        let mut t = self.tables();
+        let leftovers: Vec<Downlink> = match t.clients.get(client_id) {
             Some(conn) => std::iter::from_fn(|| conn.mailbox.try_pop()).collect(),
             None => Vec::new(),
         };
         if !leftovers.is_empty() {
-            self.unwritten(*client_id, leftovers);
+            self.unwritten_in(&mut t, *client_id, leftovers);
         }
-        let mut t = self.tables();
         if let Some(conn) = t.clients.remove(client_id) {
             if let Some(device) = conn.device {
                 if t.devices.get(&device) == Some(client_id) {
@@ -487,7 +489,10 @@ impl Router {
     /// first): they go to the device's new connection if it has one, else
     /// to the hold; a connection never bound counts them undeliverable.
     pub fn unwritten(&self, client: Uuid, msgs: Vec<Downlink>) {
-        let mut t = self.tables();
+        self.unwritten_in(&mut self.tables(), client, msgs);
+    }
+
+    fn unwritten_in(&self, t: &mut Tables, client: Uuid, msgs: Vec<Downlink>) {
         let device = t
             .clients
             .get(&client)
@@ -499,7 +504,7 @@ impl Router {
             };
             match t.devices.get(device).copied().filter(|&c| c != client) {
                 Some(other) => {
-                    self.push(&mut t, other, msg);
+                    self.push(t, other, msg);
                 }
                 None => {
                     self.hold(device, &msg.line, msg.done);
