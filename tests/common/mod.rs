@@ -63,8 +63,10 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(upstream: u16) -> Proxy {
-        let port = free_port();
-        let listener = TcpListener::bind(("127.0.0.1", port)).expect("proxy bind");
+        // Port 0: the kernel picks one that is free, with no window between
+        // a check and the bind (free_port's check once lost that race).
+        let listener = TcpListener::bind(("127.0.0.1", 0)).expect("proxy bind");
+        let port = listener.local_addr().expect("proxy address").port();
         let up = Arc::new(AtomicBool::new(true));
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let (up2, conns2) = (up.clone(), conns.clone());
