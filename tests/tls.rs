@@ -444,3 +444,38 @@ fn mtls_revoked_certificates_are_refused_and_cut_off() {
         1.0
     );
 }
+
+#[test]
+fn idle_tls_connections_hold_little_memory() {
+    const CONNS: usize = 1_000;
+    let pki = Pki::new();
+    let tls_port = free_port();
+    let gw = Gateway::start(pki.gateway_options(GatewayOptions::offline(), tls_port));
+    let config = pki.client("ca", None);
+    // Warm up: the first connections allocate the runtime's own tables.
+    let mut warm: Vec<TlsDevice> = (0..50)
+        .map(|_| TlsDevice::connect(tls_port, config.clone()).unwrap())
+        .collect();
+    for d in &mut warm {
+        d.send(b"Ping\n").unwrap();
+        assert_eq!(d.line().unwrap(), "Pong");
+    }
+    let before = rss_kib(gw.pid());
+    // Each connection completes its handshake and one exchange, then idles.
+    let mut idle = Vec::with_capacity(CONNS);
+    for _ in 0..CONNS {
+        let mut d = TlsDevice::connect(tls_port, config.clone()).unwrap();
+        d.send(b"Ping\n").unwrap();
+        assert_eq!(d.line().unwrap(), "Pong");
+        idle.push(d);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = rss_kib(gw.pid());
+    let per_conn = (after.saturating_sub(before)) * 1024 / CONNS as u64;
+    eprintln!("{CONNS} idle TLS connections: gateway RSS {before} KiB -> {after} KiB, {per_conn} bytes each");
+    assert!(
+        per_conn < 12 * 1024,
+        "{per_conn} bytes per idle TLS connection"
+    );
+    assert_eq!(gw.metric("edgegate_connections"), (CONNS + 50) as f64);
+}

@@ -6,7 +6,7 @@
 //! together, in order, once their outbox append is on disk.
 
 use std::cell::RefCell;
-use std::io::{self, Read};
+use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::ops::ControlFlow;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
@@ -20,7 +20,7 @@ use uuid::Uuid;
 use crate::config::AuthMode;
 use crate::device::dispatch::{self, AuthState, Decision, Session};
 use crate::device::rate::Bucket;
-use crate::device::transport::{Ready, Transport};
+use crate::device::transport::Transport;
 use crate::device::turn::{self, error, refuse, Closed, Reply, Work};
 use crate::device::{budget, handshake, Shared};
 use crate::ops::logging::escaped;
@@ -181,7 +181,7 @@ struct Connection {
 }
 
 enum Wake {
-    Input(io::Result<Ready>),
+    Input(io::Result<()>),
     Downlink(Downlink),
     Timer,
 }
@@ -227,17 +227,8 @@ impl Connection {
             .await;
             match wake {
                 Wake::Input(ready) => {
-                    let closed = match ready? {
-                        Ready::Readable => self.read_frames().await?,
-                        Ready::Read(0) => Some(Closed::ByPeer),
-                        Ready::Read(n) => {
-                            let buf = self.transport.take_buffer();
-                            let work = self.take_input_read(&buf[..n]);
-                            self.transport.put_buffer(buf);
-                            Box::pin(self.handle(work)).await?
-                        }
-                    };
-                    if let Some(closed) = closed {
+                    ready?;
+                    if let Some(closed) = self.read_frames().await? {
                         return Ok(closed);
                     }
                 }
@@ -261,7 +252,7 @@ impl Connection {
         }
     }
 
-    /// Plain TCP: reads and answers until the socket has nothing more for now.
+    /// Reads and answers until the connection has nothing more for now.
     async fn read_frames(&mut self) -> io::Result<Option<Closed>> {
         loop {
             if !self.stash.is_empty() {
@@ -270,12 +261,10 @@ impl Connection {
             let step = READ_BUF.with(|buf| {
                 let mut buf = buf.borrow_mut();
                 loop {
-                    match self.transport.socket().get_ref().read(&mut buf) {
-                        Ok(0) => return Ok(Step::Eof),
-                        Ok(n) => return Ok(Step::Work(self.take_input_read(&buf[..n]))),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            return Ok(Step::Drained)
-                        }
+                    match self.transport.try_read(&mut buf) {
+                        Ok(Some(0)) => return Ok(Step::Eof),
+                        Ok(Some(n)) => return Ok(Step::Work(self.take_input_read(&buf[..n]))),
+                        Ok(None) => return Ok(Step::Drained),
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(e) => return Err(e),
                     }

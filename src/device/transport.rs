@@ -4,18 +4,15 @@
 //! takeover, a revocation or shutdown can close any connection from outside
 //! by shutting the socket down.
 
-use std::io;
+use std::io::{self, Read};
 use std::net::TcpStream;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use futures_rustls::server::TlsStream;
-use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use smol::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use smol::Async;
-
-/// Plaintext read per TLS read: one TLS record's worth.
-const TLS_READ_CHUNK: usize = 16 << 10;
 
 /// A shared socket as an owned async stream, for rustls to wrap.
 pub struct SharedSocket(pub Arc<Async<TcpStream>>);
@@ -47,64 +44,83 @@ impl AsyncWrite for SharedSocket {
 }
 
 pub enum Transport {
-    /// Read with readiness plus a non-blocking read into a per-thread
+    /// Readiness, then a non-blocking read into the caller's (per-thread)
     /// buffer, so that an idle plain connection holds no buffer at all.
     Plain(Arc<Async<TcpStream>>),
-    /// rustls keeps its own buffers per connection; plaintext is read into
-    /// one more of ours.
-    Tls(Box<TlsStream<SharedSocket>>, Box<[u8]>),
-}
-
-/// What [`Transport::ready`] found.
-pub enum Ready {
-    /// Plain: the socket can be read without blocking.
-    Readable,
-    /// TLS: this many plaintext bytes are in the transport's buffer (0: the
-    /// peer closed).
-    Read(usize),
+    /// The same for TLS: rustls keeps only its own buffers (about 4 KiB
+    /// idle), plaintext goes straight into the caller's buffer.
+    Tls {
+        stream: Box<TlsStream<SharedSocket>>,
+        /// Set after a read returned data: rustls may hold more plaintext
+        /// than fitted, which no socket readiness would announce.
+        maybe_buffered: bool,
+    },
 }
 
 impl Transport {
     pub fn tls(stream: TlsStream<SharedSocket>) -> Transport {
-        Transport::Tls(Box::new(stream), vec![0; TLS_READ_CHUNK].into_boxed_slice())
+        Transport::Tls {
+            stream: Box::new(stream),
+            // The handshake may have read the first records too.
+            maybe_buffered: true,
+        }
     }
 
     /// The raw socket, for the router and for closing.
     pub fn socket(&self) -> &Arc<Async<TcpStream>> {
         match self {
             Transport::Plain(s) => s,
-            Transport::Tls(s, _) => &s.get_ref().0 .0,
+            Transport::Tls { stream, .. } => &stream.get_ref().0 .0,
         }
     }
 
-    /// Waits for input. Cancel-safe: dropping the future loses no bytes.
-    pub async fn ready(&mut self) -> io::Result<Ready> {
+    /// Waits until [`Transport::try_read`] may find input. Cancel-safe.
+    pub async fn ready(&mut self) -> io::Result<()> {
         match self {
-            Transport::Plain(s) => s.readable().await.map(|()| Ready::Readable),
-            Transport::Tls(s, buf) => s.read(buf).await.map(Ready::Read),
+            Transport::Tls {
+                maybe_buffered: true,
+                ..
+            } => Ok(()),
+            _ => self.socket().readable().await,
         }
     }
 
-    /// The TLS plaintext buffer (empty for plain TCP).
-    pub fn take_buffer(&mut self) -> Box<[u8]> {
-        match self {
-            Transport::Plain(_) => Box::default(),
-            Transport::Tls(_, buf) => std::mem::take(buf),
-        }
-    }
-
-    pub fn put_buffer(&mut self, b: Box<[u8]>) {
-        if let Transport::Tls(_, buf) = self {
-            *buf = b;
+    /// Reads what has arrived without waiting: `Ok(None)` when nothing has
+    /// (then [`Transport::ready`] waits for more), `Ok(Some(0))` at the end.
+    pub fn try_read(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        let read = match self {
+            Transport::Plain(s) => match s.get_ref().read(buf) {
+                Ok(n) => Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+            Transport::Tls {
+                stream,
+                maybe_buffered,
+            } => {
+                // Pending means rustls has no plaintext and the socket has
+                // nothing more: the socket's readiness is then the signal to
+                // wait for, so no waker needs to be kept from this poll.
+                let mut cx = Context::from_waker(Waker::noop());
+                let read = Pin::new(&mut **stream).poll_read(&mut cx, buf);
+                *maybe_buffered = matches!(read, Poll::Ready(Ok(n)) if n > 0);
+                read
+            }
+        };
+        match read {
+            Poll::Ready(Ok(n)) => Ok(Some(n)),
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Pending => Ok(None),
         }
     }
 
     pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
         match self {
             Transport::Plain(s) => (&**s).write_all(bytes).await,
-            Transport::Tls(s, _) => {
-                s.write_all(bytes).await?;
-                s.flush().await
+            Transport::Tls { stream, .. } => {
+                stream.write_all(bytes).await?;
+                stream.flush().await
             }
         }
     }
@@ -112,9 +128,9 @@ impl Transport {
     /// Ends the connection: a TLS close_notify where possible, then the
     /// socket is shut down either way.
     pub async fn close(&mut self) {
-        if let Transport::Tls(s, _) = self {
-            s.get_mut().1.send_close_notify();
-            let _ = smol::future::or(s.flush(), async {
+        if let Transport::Tls { stream, .. } = self {
+            stream.get_mut().1.send_close_notify();
+            let _ = smol::future::or(stream.flush(), async {
                 smol::Timer::after(std::time::Duration::from_millis(100)).await;
                 Ok(())
             })
