@@ -314,3 +314,266 @@ fn half_sent_frames_are_held_within_a_gateway_wide_budget() {
     drop(conns);
     gw.wait_metric("edgegate_partial_frame_bytes", |v| v == 0.0);
 }
+
+/// Ack latency of a well-behaved device kept under `per_sec` requests a
+/// second (so its own rate limit never answers it): p99 of `n` requests.
+fn paced_ack_p99(d: &mut Device, n: usize, per_sec: u32) -> Duration {
+    let gap = Duration::from_secs(1) / per_sec;
+    let mut times: Vec<Duration> = (0..n)
+        .map(|i| {
+            let start = Instant::now();
+            ack_id(&d.request("t", &format!("paced-{i}"), None, json!({"i": i})));
+            let took = start.elapsed();
+            std::thread::sleep(gap.saturating_sub(took));
+            took
+        })
+        .collect();
+    times.sort();
+    times[n * 99 / 100]
+}
+
+#[test]
+fn flooding_devices_are_held_to_their_rate_while_another_is_served() {
+    const FLOODERS: usize = 10;
+    const RATE: u64 = 100;
+    const FLOOD: Duration = Duration::from_secs(4);
+    let gw = Gateway::start(
+        GatewayOptions::offline()
+            .env("EDGEGATE_LIMITS_REQUESTS_PER_SEC", RATE)
+            .env("EDGEGATE_LIMITS_BURST", RATE),
+    );
+    let mut good = gw.device();
+    let baseline = paced_ack_p99(&mut good, 50, 50);
+    let rss_before = rss_kib(gw.pid());
+    // Each flooder writes 25-byte requests as fast as the gateway takes
+    // them and counts what comes back.
+    let started = Instant::now();
+    let flooders: Vec<_> = (0..FLOODERS)
+        .map(|_| {
+            let port = gw.port;
+            std::thread::spawn(move || {
+                let mut w = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                // Small buffers: what the gateway has not read yet stays small,
+                // so the flood ends soon after the writes stop.
+                rustix::net::sockopt::set_socket_send_buffer_size(&w, 16 << 10).unwrap();
+                let r = w.try_clone().unwrap();
+                let reader = std::thread::spawn(move || {
+                    use std::io::BufRead;
+                    let (mut acks, mut limited) = (0u64, 0u64);
+                    for line in std::io::BufReader::new(r).lines() {
+                        let Ok(line) = line else { break };
+                        if line.contains("\"ack\"") {
+                            acks += 1;
+                        } else if line.contains("rate_limited") {
+                            limited += 1;
+                        }
+                    }
+                    (acks, limited)
+                });
+                let batch = r#"{"action":"a","uid":"f"}"#.to_owned() + "\n";
+                let batch = batch.repeat(100);
+                while started.elapsed() < FLOOD {
+                    if w.write_all(batch.as_bytes()).is_err() {
+                        break;
+                    }
+                }
+                w.shutdown(std::net::Shutdown::Write).unwrap();
+                reader.join().unwrap()
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let worst = paced_ack_p99(&mut good, 100, 50);
+    let rss_during = rss_kib(gw.pid());
+    let (mut acks, mut limited) = (0, 0);
+    for f in flooders {
+        let (a, l) = f.join().unwrap();
+        acks += a;
+        limited += l;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "{FLOODERS} devices flooding 25-byte requests for {secs:.1} s at a limit of {RATE}/s: {acks} acked, {limited} rate_limited; \
+         good device ack p99 {baseline:?} before, {worst:?} during; gateway RSS {rss_before} KiB -> {rss_during} KiB"
+    );
+    // Each flooder gets its burst plus its rate, no more.
+    let allowed = FLOODERS as f64 * (RATE as f64 * (secs + 1.0) + RATE as f64);
+    assert!((acks as f64) <= allowed, "{acks} acked, {allowed} allowed");
+    assert!(acks >= (FLOODERS as u64 * RATE), "{acks} acked");
+    assert!(limited > acks, "{limited} refused, {acks} acked");
+    assert!(
+        gw.metric("edgegate_outbox_records") <= allowed + 200.0,
+        "refused requests were stored"
+    );
+    assert!(
+        worst < Duration::from_millis(500),
+        "acks slowed to {worst:?}"
+    );
+    assert!(
+        rss_during.saturating_sub(rss_before) < 32 * 1024,
+        "RSS grew by {} KiB",
+        rss_during - rss_before
+    );
+}
+
+#[test]
+fn deep_and_broken_json_is_refused_without_hurting_others() {
+    const CONNS: usize = 10;
+    const ROUNDS: usize = 30;
+    let gw = Gateway::start(GatewayOptions::offline());
+    let mut good = gw.device();
+    let baseline = ack_p99(&mut good, 100);
+    let rss_before = rss_kib(gw.pid());
+    let nested = |n: usize| {
+        format!(
+            r#"{{"action":"t","uid":"deep","data":{}{}}}"#,
+            "[".repeat(n),
+            "]".repeat(n)
+        )
+        .into_bytes()
+    };
+    let mut invalid_utf8 = br#"{"action":"t","uid":"u8","extra":""#.to_vec();
+    invalid_utf8.extend_from_slice(&[0xff, 0xfe]);
+    invalid_utf8.extend_from_slice(br#"","data":1}"#);
+    // Too deep is valid JSON the contract refuses; the rest is not JSON.
+    let frames: Vec<(Vec<u8>, &str)> = vec![
+        (nested(33), "bad_request"),
+        (nested(1_000), "bad_request"),
+        (nested(32_000), "bad_request"),
+        (
+            br#"{"action":"t","uid":"sur","data":"\ud800"}"#.to_vec(),
+            "bad_json",
+        ),
+        (
+            br#"{"action":"t","uid":"\udc00x","data":1}"#.to_vec(),
+            "bad_json",
+        ),
+        (invalid_utf8, "bad_json"),
+    ];
+    let codes: Vec<&'static str> = frames.iter().map(|(_, c)| *c).collect();
+    let mut all = Vec::new();
+    for (f, _) in &frames {
+        all.extend_from_slice(f);
+        all.push(b'\n');
+    }
+    let attackers: Vec<_> = (0..CONNS)
+        .map(|_| {
+            let mut d = gw.device();
+            let all = all.clone();
+            let codes = codes.clone();
+            std::thread::spawn(move || {
+                for _ in 0..ROUNDS {
+                    d.send_raw(&all);
+                    for code in &codes {
+                        let r = d.json();
+                        assert_eq!(r["errorCode"], *code, "{r}");
+                    }
+                }
+            })
+        })
+        .collect();
+    let worst = ack_p99(&mut good, 100);
+    let rss_during = rss_kib(gw.pid());
+    for a in attackers {
+        a.join().unwrap();
+    }
+    let refused = gw.metric("edgegate_errors_total{code=\"bad_json\"}")
+        + gw.metric("edgegate_errors_total{code=\"bad_request\"}");
+    eprintln!(
+        "{CONNS} devices sending {} frames each (nesting 33, 1,000 and 32,000 deep, lone surrogates, invalid UTF-8): {refused} refused; \
+         good device ack p99 {baseline:?} before, {worst:?} during; gateway RSS {rss_before} KiB -> {rss_during} KiB",
+        ROUNDS * frames.len()
+    );
+    assert_eq!(refused, (CONNS * ROUNDS * frames.len()) as f64);
+    assert_eq!(
+        gw.metric("edgegate_outbox_records"),
+        200.0,
+        "only the good device's"
+    );
+    assert!(
+        worst < Duration::from_millis(500),
+        "acks slowed to {worst:?}"
+    );
+    assert!(
+        rss_during.saturating_sub(rss_before) < 16 * 1024,
+        "RSS grew by {} KiB",
+        rss_during - rss_before
+    );
+}
+
+#[test]
+fn a_damping_table_filled_by_a_flood_of_addresses_still_damps_the_next() {
+    use common::tokens::token_gateway;
+    const ADDRESSES: u32 = 100_000 + 500; // past the table's 100,000
+    const THREADS: u32 = 4;
+    let t = token_gateway(GatewayOptions::offline());
+    let mut good = t.authenticated("dev-good");
+    let baseline = ack_p99(&mut good, 100);
+    let rss_before = rss_kib(t.gw.pid());
+    // One failed authentication from each of 100,500 loopback addresses.
+    let started = Instant::now();
+    let port = t.gw.port;
+    let flood: Vec<_> = (0..THREADS)
+        .map(|thread| {
+            std::thread::spawn(move || {
+                let bad = format!(
+                    "{}\n",
+                    json!({"action":"auth","uid":"x","deviceUid":"dev-x","data":{"token":"0".repeat(64)}})
+                );
+                for i in (thread..ADDRESSES).step_by(THREADS as usize) {
+                    let source = std::net::Ipv4Addr::from(0x7f64_0000 + i); // 127.100.0.0/16 on
+                    let mut s = connect_from(port, source).unwrap();
+                    s.write_all(bad.as_bytes()).unwrap();
+                    let mut reply = Vec::new();
+                    let _ = s.read_to_end(&mut reply); // the gateway closes it
+                    assert!(
+                        String::from_utf8_lossy(&reply).contains("unauthorized"),
+                        "{}",
+                        String::from_utf8_lossy(&reply)
+                    );
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let worst = ack_p99(&mut good, 100);
+    for f in flood {
+        f.join().unwrap();
+    }
+    let flood_took = started.elapsed();
+    let rss_during = rss_kib(t.gw.pid());
+    // The table is full; a new address is damped after its fifth failure.
+    let late = std::net::Ipv4Addr::new(127, 99, 0, 1);
+    for i in 0..5 {
+        let mut d = t.connect(late);
+        let reply = t.auth(&mut d, &format!("g{i}"), "dev-d", &"0".repeat(64));
+        assert_eq!(reply["errorCode"], "unauthorized", "{reply}");
+    }
+    let damped_before = t.gw.metric("edgegate_auth_damped_total");
+    let mut d = t.connect(late);
+    d.set_timeout(Duration::from_secs(5));
+    d.send("Ping");
+    assert_eq!(d.line(), None, "the late address was not damped");
+    assert_eq!(
+        t.gw.metric("edgegate_auth_damped_total"),
+        damped_before + 1.0
+    );
+    // A known-good address is still served at once.
+    let accept = Instant::now();
+    let _fresh = t.authenticated("dev-fresh");
+    let accept = accept.elapsed();
+    eprintln!(
+        "{ADDRESSES} failed authentications from distinct addresses in {flood_took:?}: good device ack p99 {baseline:?} before, \
+         {worst:?} during; a new connection authenticated in {accept:?} after; gateway RSS {rss_before} KiB -> {rss_during} KiB"
+    );
+    assert!(
+        worst < Duration::from_millis(500),
+        "acks slowed to {worst:?}"
+    );
+    // 100,000 records of about 100 bytes each, and the queue beside them.
+    assert!(
+        rss_during.saturating_sub(rss_before) < 40 * 1024,
+        "RSS grew by {} KiB",
+        rss_during - rss_before
+    );
+}
