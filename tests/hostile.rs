@@ -490,10 +490,7 @@ fn deep_and_broken_json_is_refused_without_hurting_others() {
         200.0,
         "only the good device's"
     );
-    assert!(
-        worst < Duration::from_millis(500),
-        "acks slowed to {worst:?}"
-    );
+    assert!(worst < Duration::from_secs(1), "acks slowed to {worst:?}");
     assert!(
         rss_during.saturating_sub(rss_before) < 16 * 1024,
         "RSS grew by {} KiB",
