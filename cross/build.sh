@@ -34,9 +34,9 @@ if [ "$target" = armv7-unknown-linux-musleabihf ]; then
 fi
 
 start=$(date +%s)
-# EDGEGATE_CROSS_TARGET_DIR: a cargo target directory kept across clones (CI
+# CROSS_TARGET_DIR: a cargo target directory kept across clones (CI
 # uses one), so librdkafka and OpenSSL are built once per target.
-cache="${EDGEGATE_CROSS_TARGET_DIR:-}"
+cache="${CROSS_TARGET_DIR:-}"
 cargo +"$toolchain" zigbuild --release --locked --target "$target" --features static \
   ${cache:+--target-dir "$cache"} "${build_std[@]}"
 bin="target/$target/release/edgegate"

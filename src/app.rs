@@ -56,6 +56,11 @@ pub enum AppError {
     Key(#[from] crate::security::auth::KeyError),
     #[error(transparent)]
     Tls(#[from] crate::security::tls::TlsError),
+    #[error("kafka.properties refused for the {client}: {source}")]
+    KafkaProperties {
+        client: &'static str,
+        source: rdkafka::error::KafkaError,
+    },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("cannot start the executor threads: {0}")]
@@ -70,8 +75,7 @@ pub enum AppError {
 }
 
 /// The gateway, from a loaded configuration until it has stopped.
-pub fn run(config: Config) -> Result<(), AppError> {
-    let checked = Checked::new(config)?;
+pub fn run(checked: Checked) -> Result<(), AppError> {
     // Before anything starts, so a stop during start-up is not lost.
     let stop_signal = signals::listen().map_err(AppError::Signals)?;
     let running = start(checked)?;
@@ -94,6 +98,7 @@ pub struct Checked {
 impl Checked {
     pub fn new(config: Config) -> Result<Checked, AppError> {
         check_frame_fits_kafka(&config)?;
+        check_kafka_properties(&config)?;
         let metrics = Arc::new(Metrics::default());
         let gate = Gate::new(&config.auth, metrics.clone())?;
         let tls = match config.tls.address {
@@ -111,6 +116,55 @@ impl Checked {
     pub fn config(&self) -> &Config {
         &self.config
     }
+}
+
+/// `check-config`: the data directory, or the nearest existing directory
+/// it would be created in, must be writable by this user (the unit's
+/// `edgegate`, not the operator who runs the check as root).
+pub fn check_data_dir_writable(path: &std::path::Path) -> Result<(), AppError> {
+    use rustix::fs::{access, Access};
+    let existing = path
+        .ancestors()
+        .find(|p| p.as_os_str().is_empty() || p.exists())
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                p
+            }
+        })
+        .unwrap_or(path);
+    let refused = |source: std::io::Error| AppError::DataDir {
+        path: path.to_owned(),
+        source,
+    };
+    if !existing.is_dir() {
+        return Err(refused(std::io::Error::other(format!(
+            "{} is not a directory",
+            existing.display()
+        ))));
+    }
+    access(existing, Access::WRITE_OK | Access::EXEC_OK).map_err(|e| {
+        refused(std::io::Error::other(format!(
+            "{} is not writable by this user (uid {}): {e}",
+            existing.display(),
+            rustix::process::getuid().as_raw()
+        )))
+    })
+}
+
+/// librdkafka checks `kafka.properties` only when a client is made: made
+/// here, without connecting, so a misspelt or invalid entry is refused by
+/// `check-config` and before anything starts, not by a crash after.
+fn check_kafka_properties(config: &Config) -> Result<(), AppError> {
+    let producer = crate::kafka::producer::client_config(&config.kafka);
+    let consumer = crate::kafka::consumer::client_config(&config.kafka, "edgegate-check");
+    for (client, c) in [("producer", producer), ("consumer", consumer)] {
+        if let Err(e) = c.create_native_config() {
+            return Err(AppError::KafkaProperties { client, source: e });
+        }
+    }
+    Ok(())
 }
 
 /// librdkafka's own limit on one message (its `message.max.bytes`).

@@ -209,7 +209,9 @@ fn main() -> ExitCode {
         }
     };
     match command {
-        Command::CheckConfig => match app::Checked::new(config) {
+        Command::CheckConfig => match app::check_data_dir_writable(&config.data_dir)
+            .and_then(|()| app::Checked::new(config))
+        {
             // The files the settings name are read and checked too, as at start.
             Ok(checked) => out(&checked.config().describe()),
             Err(e) => {
@@ -221,8 +223,15 @@ fn main() -> ExitCode {
             unreachable!("handled before loading the configuration")
         }
         Command::Run => {
+            let checked = match app::Checked::new(config) {
+                Ok(checked) => checked,
+                Err(e) => {
+                    log::error!("configuration refused: {e}");
+                    return ExitCode::from(78);
+                }
+            };
             raise_open_file_limit();
-            match app::run(config) {
+            match app::run(checked) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     log::error!("{e}");

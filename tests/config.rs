@@ -166,3 +166,78 @@ fn packaged_config_documents_every_key_at_its_default() {
         );
     }
 }
+
+#[test]
+fn check_config_refuses_what_run_would_refuse_with_status_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let misspelt = dir.path().join("misspelt.toml");
+    std::fs::write(
+        &misspelt,
+        "[kafka.properties]\n\"securty.protocol\" = \"SSL\"\n",
+    )
+    .unwrap();
+    let invalid = dir.path().join("invalid.toml");
+    std::fs::write(&invalid, "[kafka.properties]\n\"linger.ms\" = \"abc\"\n").unwrap();
+    let a_file = dir.path().join("a-file");
+    std::fs::write(&a_file, "").unwrap();
+    let under_a_file = a_file.join("data");
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            vec!["--config", misspelt.to_str().unwrap()],
+            vec![],
+            "No such configuration property: \"securty.protocol\"",
+        ),
+        (
+            vec!["--config", invalid.to_str().unwrap()],
+            vec![],
+            "Invalid value for configuration property",
+        ),
+        (
+            vec![],
+            vec![("EDGEGATE_KAFKA_BROKER", "prod:9092")],
+            "unknown environment variable `EDGEGATE_KAFKA_BROKER`",
+        ),
+        (
+            vec!["--data-dir", under_a_file.to_str().unwrap()],
+            vec![],
+            "is not a directory",
+        ),
+        (
+            vec![],
+            vec![("EDGEGATE_AUTH_MODE", "token")],
+            "`auth.token_key_file` is required when auth.mode is token",
+        ),
+    ];
+    for (args, env, expected) in cases {
+        let check: Vec<&str> = ["check-config"]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        let (code, stdout, stderr) = run(&check, &env);
+        assert_eq!(
+            code,
+            Some(78),
+            "check-config {args:?} {env:?}: {stdout}{stderr}"
+        );
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(
+            stdout.is_empty(),
+            "settings printed for a refused config: {stdout}"
+        );
+    }
+    // `run` refuses the same properties with the same status, before it
+    // opens anything.
+    let (code, _, stderr) = run(
+        &[
+            "run",
+            "--config",
+            misspelt.to_str().unwrap(),
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(!dir.path().join("data").exists());
+}

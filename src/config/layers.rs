@@ -86,6 +86,15 @@ impl<'a> Layers<'a> {
         {
             return Err(ConfigError::UnknownKey(unknown.clone()));
         }
+        // A misspelt variable would otherwise leave its key on the default
+        // without a word (PROTOCOL 4).
+        if let Some(unknown) = env
+            .keys()
+            .filter(|k| k.starts_with("EDGEGATE_"))
+            .find(|k| !keys::KEYS.iter().any(|key| key.env() == **k))
+        {
+            return Err(ConfigError::UnknownEnv(unknown.clone()));
+        }
         Ok(Layers {
             file: flat,
             properties,

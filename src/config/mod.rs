@@ -31,6 +31,8 @@ pub enum ConfigError {
     Toml { path: PathBuf, message: String },
     #[error("unknown configuration key `{0}`")]
     UnknownKey(String),
+    #[error("unknown environment variable `{0}`: no configuration key is set by it (`edgegate --help` lists them)")]
+    UnknownEnv(String),
     #[error("invalid value for `{key}` (from the {origin}): {message}")]
     Invalid {
         key: String,

@@ -421,14 +421,23 @@ pub fn bin() -> String {
 }
 
 pub fn command() -> Command {
-    match std::env::var("EDGEGATE_TEST_RUNNER") {
+    let mut c = match std::env::var("EDGEGATE_TEST_RUNNER") {
         Ok(runner) if !runner.is_empty() => {
             let mut c = Command::new(runner);
             c.arg(bin());
             c
         }
         _ => Command::new(bin()),
+    };
+    // The gateway refuses EDGEGATE_* variables that name no key, and the
+    // test runs' own (EDGEGATE_TEST_BIN, EDGEGATE_POWER_CUTS...) are some:
+    // a gateway gets only the settings its test gives it.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("EDGEGATE_") {
+            c.env_remove(k);
+        }
     }
+    c
 }
 
 impl Gateway {
