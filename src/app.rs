@@ -25,6 +25,7 @@ use crate::ops::metrics::Metrics;
 use crate::ops::signals;
 use crate::ops::systemd;
 use crate::outbox::{self, Quarantine, Store};
+use crate::reload;
 use crate::routing::hold::{Hold, HoldLimits};
 use crate::routing::{presence, Router};
 use crate::security::auth::Gate;
@@ -75,11 +76,12 @@ pub enum AppError {
 }
 
 /// The gateway, from a loaded configuration until it has stopped.
-pub fn run(checked: Checked) -> Result<(), AppError> {
-    // Before anything starts, so a stop during start-up is not lost.
-    let stop_signal = signals::listen().map_err(AppError::Signals)?;
+pub fn run(checked: Checked, load: reload::Load) -> Result<(), AppError> {
+    // Before anything starts, so a stop during start-up is not lost (and a
+    // SIGHUP then is a reload, not the default death).
+    let signals = signals::listen().map_err(AppError::Signals)?;
     let running = start(checked)?;
-    running.wait(&stop_signal);
+    running.wait(&signals, load);
     running.shutdown();
     Ok(())
 }
@@ -214,6 +216,9 @@ pub struct Running {
     presence: Option<Task<()>>,
     writer: Task<()>,
     admin: Arc<Admin>,
+    /// What a reload replaces.
+    tls: Option<Arc<tls::Acceptor>>,
+    settings: Vec<crate::config::Setting>,
 }
 
 /// Opens the data directory and the outbox, starts the executor threads,
@@ -351,7 +356,7 @@ pub fn start(checked: Checked) -> Result<Running, AppError> {
         metrics,
         router: router.clone(),
         appender,
-        gate,
+        gate: Arc::new(gate),
         rate: RateLimits::new(config.limits.requests_per_sec, config.limits.burst),
         shutting_down: AtomicBool::new(false),
         open: AtomicUsize::new(0),
@@ -362,10 +367,11 @@ pub fn start(checked: Checked) -> Result<Running, AppError> {
         let task = listener::run(l, None, shared.clone(), ex.clone(), accept_stopped.clone());
         accepting.push(ex.spawn(task));
     }
-    if let (Some(l), Some(acceptor)) = (tls_listener, tls) {
+    let tls = tls.map(|a| Arc::new(tls::Acceptor::new(a)));
+    if let (Some(l), Some(acceptor)) = (tls_listener, &tls) {
         let task = listener::run(
             l,
-            Some(acceptor),
+            Some(acceptor.clone()),
             shared.clone(),
             ex.clone(),
             accept_stopped,
@@ -403,6 +409,8 @@ pub fn start(checked: Checked) -> Result<Running, AppError> {
         presence,
         writer,
         admin,
+        tls,
+        settings: config.settings,
     })
 }
 
@@ -424,9 +432,33 @@ async fn bind_listeners(
 }
 
 impl Running {
-    /// Serves until `stop` fires (SIGTERM, SIGINT) or closes.
-    pub fn wait(&self, stop: &channel::Receiver<()>) {
-        let _ = smol::block_on(self.ex.run(stop.recv()));
+    /// Serves until a stop signal (SIGTERM, SIGINT), reloading at each SIGHUP.
+    pub fn wait(&self, signals: &signals::Listening, load: reload::Load) {
+        let targets = reload::Targets {
+            gate: self.shared.gate.clone(),
+            router: self.router.clone(),
+            tls: self.tls.clone(),
+            metrics: self.shared.metrics.clone(),
+        };
+        let reloader = reload::Reloader::new(load, targets, self.settings.clone());
+        smol::block_on(self.ex.run(async {
+            loop {
+                let stop = async {
+                    let _ = signals.stop.recv().await;
+                    true
+                };
+                let reload = async {
+                    match signals.reload.recv().await {
+                        Ok(()) => false,
+                        Err(_) => std::future::pending().await,
+                    }
+                };
+                if smol::future::or(stop, reload).await {
+                    break;
+                }
+                reloader.reload();
+            }
+        }));
     }
 
     /// Stops in order: stop accepting, answer what was read, give Kafka

@@ -21,6 +21,7 @@
 //! - `outbox/`: the durable queue, in memory and on disk; knows no sockets
 //!   and no Kafka.
 //! - `device/`, `kafka/`, `routing/`, `security/`, `ops/`: one side each.
+//! - `reload`: what SIGHUP re-reads and replaces in a running gateway.
 //! - `app`: the only place that wires the sides together.
 //!
 //! Without the default `gateway` feature the library is `wire` alone, with
@@ -40,6 +41,8 @@ pub mod kafka;
 pub mod ops;
 #[cfg(feature = "gateway")]
 pub mod outbox;
+#[cfg(feature = "gateway")]
+pub mod reload;
 #[cfg(feature = "gateway")]
 pub mod routing;
 #[cfg(feature = "gateway")]

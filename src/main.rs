@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use edgegate::app;
 use edgegate::config::{keys, Config, Flags};
 use edgegate::ops::device_cli as device;
+use edgegate::ops::logging;
 use edgegate::security::auth;
 use edgegate::wire::protocol;
 
@@ -32,8 +33,9 @@ usage: edgegate [run] [OPTIONS]          run the gateway
 const MORE: &str = "\
 Every setting can also come from the environment (EDGEGATE_<SECTION>_<KEY>);
 precedence: flag > environment > file > default. `edgegate check-config`
-prints every setting and where its value came from. Logs go to stderr; filter
-them with RUST_LOG (e.g. RUST_LOG=debug or RUST_LOG=info,librdkafka=warn).
+prints every setting and where its value came from. Logs go to stderr;
+log.level filters them (EDGEGATE_LOG_LEVEL, else RUST_LOG: e.g. debug or
+info,librdkafka=warn) and log.format sets text, json or journal lines.
 ";
 
 /// The options come from the key table, so they cannot drift from it.
@@ -148,19 +150,38 @@ fn out(text: &str) -> ExitCode {
     }
 }
 
+/// Logging before the configuration is read (so that its refusal is
+/// logged): the environment's level and format if they are valid, else
+/// info and auto. The configuration's own are applied once it is read.
 fn init_logging() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format(|buf, record| {
-            writeln!(
-                buf,
-                "{} {:<5} {}: {}",
-                protocol::Timestamp::now(),
-                record.level(),
-                record.target(),
-                record.args()
-            )
-        })
-        .init();
+    use edgegate::config::LogFormat;
+    let spec = std::env::var("EDGEGATE_LOG_LEVEL")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".into());
+    let format = match std::env::var("EDGEGATE_LOG_FORMAT").as_deref() {
+        Ok("text") => LogFormat::Text,
+        Ok("json") => LogFormat::Json,
+        Ok("journal") => LogFormat::Journal,
+        _ => LogFormat::Auto,
+    };
+    logging::init(&spec, logging::Format::resolve(format));
+}
+
+/// The environment variables the configuration reads.
+fn gateway_env() -> HashMap<String, String> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("EDGEGATE_") || k == "RUST_LOG")
+        .collect()
+}
+
+/// A refused configuration is always reported, whatever the log filter.
+fn refused(e: impl std::fmt::Display) -> ExitCode {
+    if log::log_enabled!(log::Level::Error) {
+        log::error!("configuration refused: {e}");
+    } else {
+        eprintln!("edgegate: configuration refused: {e}");
+    }
+    ExitCode::from(78) // EX_CONFIG
 }
 
 /// Many devices means many sockets: take the hard limit the service was given.
@@ -198,26 +219,23 @@ fn main() -> ExitCode {
             }
         };
     }
-    let env: HashMap<String, String> = std::env::vars()
-        .filter(|(k, _)| k.starts_with("EDGEGATE_"))
-        .collect();
-    let config = match Config::load(&flags, &env) {
+    let config = match Config::load(&flags, &gateway_env()) {
         Ok(c) => c,
-        Err(e) => {
-            log::error!("configuration refused: {e}");
-            return ExitCode::from(78); // EX_CONFIG
-        }
+        Err(e) => return refused(e),
     };
+    if let Err(e) = logging::configure(
+        &config.log.level,
+        logging::Format::resolve(config.log.format),
+    ) {
+        return refused(e);
+    }
     match command {
         Command::CheckConfig => match app::check_data_dir_writable(&config.data_dir)
             .and_then(|()| app::Checked::new(config))
         {
             // The files the settings name are read and checked too, as at start.
             Ok(checked) => out(&checked.config().describe()),
-            Err(e) => {
-                log::error!("configuration refused: {e}");
-                ExitCode::from(78)
-            }
+            Err(e) => refused(e),
         },
         Command::Device(_) | Command::Token { .. } => {
             unreachable!("handled before loading the configuration")
@@ -225,13 +243,12 @@ fn main() -> ExitCode {
         Command::Run => {
             let checked = match app::Checked::new(config) {
                 Ok(checked) => checked,
-                Err(e) => {
-                    log::error!("configuration refused: {e}");
-                    return ExitCode::from(78);
-                }
+                Err(e) => return refused(e),
             };
             raise_open_file_limit();
-            match app::run(checked) {
+            // A reload (SIGHUP) reads the configuration again the same way.
+            let load = Box::new(move || Config::load(&flags, &gateway_env()));
+            match app::run(checked, load) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     log::error!("{e}");

@@ -479,3 +479,45 @@ fn idle_tls_connections_hold_little_memory() {
     );
     assert_eq!(gw.metric("edgegate_connections"), (CONNS + 50) as f64);
 }
+
+#[test]
+fn sighup_replaces_the_certificate_for_new_handshakes_and_keeps_open_connections() {
+    let pki = Pki::new();
+    let tls_port = free_port();
+    let gw = Gateway::start(pki.gateway_options(GatewayOptions::offline(), tls_port));
+    let mut open = TlsDevice::connect(tls_port, pki.client("ca", None)).unwrap();
+    open.send(b"Ping\n").unwrap();
+    assert_eq!(open.line().unwrap(), "Pong");
+
+    // The certificate is renewed in place, by another CA.
+    pki.ca("renewed");
+    pki.issue(
+        "renewed",
+        "server",
+        "/CN=edgegate-test",
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+    );
+    gw.signal("HUP");
+    gw.wait_metric("edgegate_reloads_total", |v| v == 1.0);
+    assert!(
+        TlsDevice::connect(tls_port, pki.client("ca", None)).is_err(),
+        "the old certificate is still served"
+    );
+    let mut renewed = TlsDevice::connect(tls_port, pki.client("renewed", None)).unwrap();
+    renewed.send(b"Ping\n").unwrap();
+    assert_eq!(renewed.line().unwrap(), "Pong");
+    // The connection made before the reload is still there.
+    open.send(b"Ping\n").unwrap();
+    assert_eq!(open.line().unwrap(), "Pong");
+
+    // A broken key file: the reload is refused and the running one kept.
+    std::fs::write(pki.path("server.key"), "not a key\n").unwrap();
+    gw.signal("HUP");
+    gw.wait_metric("edgegate_reloads_failed_total", |v| v == 1.0);
+    assert!(gw
+        .log()
+        .contains("reload refused, the running settings are kept"));
+    assert!(TlsDevice::connect(tls_port, pki.client("renewed", None)).is_ok());
+    open.send(b"Ping\n").unwrap();
+    assert_eq!(open.line().unwrap(), "Pong");
+}

@@ -378,6 +378,22 @@ pub const KEYS: &[Key] = &[
         flag: None,
         help: "mtls mode: CA certificates (PEM) that sign device certificates",
     },
+    // PROTOCOL 4. RUST_LOG is read when neither the file nor
+    // EDGEGATE_LOG_LEVEL sets it.
+    Key {
+        name: "log.level",
+        kind: Kind::Text,
+        default: "info",
+        flag: None,
+        help: "log filter: a level (error, warn, info, debug, trace) or RUST_LOG-style directives, e.g. info,librdkafka=warn; reloaded on SIGHUP",
+    },
+    Key {
+        name: "log.format",
+        kind: Kind::Choice(&["auto", "text", "json", "journal"]),
+        default: "auto",
+        flag: None,
+        help: "text, json, or journal (syslog priority prefix, no timestamp); auto: journal when started by systemd, else text",
+    },
 ];
 
 /// The options part of `edgegate --help`, one line per flag.

@@ -17,6 +17,9 @@ pub enum Origin {
     Default,
     File,
     Environment,
+    /// `log.level` only: the RUST_LOG variable, read when
+    /// EDGEGATE_LOG_LEVEL is not set.
+    RustLog,
     CommandLine,
 }
 
@@ -26,6 +29,7 @@ impl std::fmt::Display for Origin {
             Origin::Default => "default",
             Origin::File => "config file",
             Origin::Environment => "environment",
+            Origin::RustLog => "environment, RUST_LOG",
             Origin::CommandLine => "command line",
         })
     }
@@ -110,6 +114,11 @@ impl<'a> Layers<'a> {
         }
         if let Some(v) = self.env.get(&key.env()) {
             return (Some(Raw::Text(v)), Origin::Environment);
+        }
+        if key.name == "log.level" {
+            if let Some(v) = self.env.get("RUST_LOG") {
+                return (Some(Raw::Text(v)), Origin::RustLog);
+            }
         }
         match self.file.get(key.name) {
             Some(v) => (Some(Raw::Toml(v)), Origin::File),

@@ -60,6 +60,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub auth: AuthConfig,
     pub tls: TlsConfig,
+    pub log: LogConfig,
     /// Every key's effective value and origin, for `check-config`.
     pub settings: Vec<Setting>,
 }
@@ -73,6 +74,22 @@ pub enum AuthMode {
     Token,
     /// A client certificate on the TLS listener.
     Mtls,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Journal when systemd gave the gateway a journal stream, else text.
+    Auto,
+    Text,
+    Json,
+    Journal,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// A valid `RUST_LOG`-style filter.
+    pub level: String,
+    pub format: LogFormat,
 }
 
 #[derive(Debug, Clone)]
@@ -338,6 +355,15 @@ fn build(layers: &Layers<'_>) -> Result<Config, ConfigError> {
         address: layers.address("admin.address")?,
     };
     let (auth, tls) = security(layers)?;
+    let log = LogConfig {
+        level: log_level(layers)?,
+        format: match layers.choice("log.format")? {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            "journal" => LogFormat::Journal,
+            _ => LogFormat::Auto,
+        },
+    };
     Ok(Config {
         server_id: (!server_id.is_empty()).then_some(server_id),
         data_dir: PathBuf::from(data_dir),
@@ -349,8 +375,40 @@ fn build(layers: &Layers<'_>) -> Result<Config, ConfigError> {
         admin,
         auth,
         tls,
+        log,
         settings: layers.settings(),
     })
+}
+
+/// `log.level`, refused unless every directive parses: env_filter would
+/// otherwise drop a bad one and log less than asked (`inof`: nothing).
+fn log_level(layers: &Layers<'_>) -> Result<String, ConfigError> {
+    let level = layers.string("log.level")?;
+    check_log_filter(&level)
+        .map_err(|why| invalid("log.level", layers.origin("log.level"), why))?;
+    Ok(level)
+}
+
+/// Whether `spec` is a filter the logger can use as it is.
+pub fn check_log_filter(spec: &str) -> Result<(), String> {
+    if spec.is_empty() {
+        return Err("must not be empty (use \"off\" for no logs)".into());
+    }
+    env_filter::Builder::new()
+        .try_parse(spec)
+        .map_err(|e| format!("`{spec}` is not a log filter: {e}"))?;
+    // env_filter reads a bare word as a target to log everything of: a
+    // misspelt level (`inof`) would silence every line. Here a bare word
+    // must be a level; a target needs its level (`librdkafka=warn`).
+    let directives = spec.split('/').next().unwrap_or_default();
+    for bare in directives.split(',').map(str::trim) {
+        if !bare.is_empty() && !bare.contains('=') && bare.parse::<log::LevelFilter>().is_err() {
+            return Err(format!(
+                "`{bare}` is not a level (error, warn, info, debug, trace, off); a target needs one: `{bare}=debug`"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The `auth` and `tls` sections, checked against each other. The files

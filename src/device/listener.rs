@@ -11,9 +11,8 @@ use smol::channel::Receiver;
 use smol::io::AsyncWriteExt;
 use smol::{Async, Executor, Timer};
 
-use futures_rustls::TlsAcceptor;
-
 use crate::device::{connection, Shared};
+use crate::security::tls;
 use crate::wire::protocol::{write_error, ErrorCode};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +52,7 @@ fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
 /// TLS handshake.
 pub async fn run(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<tls::Acceptor>>,
     shared: Arc<Shared>,
     ex: Arc<Executor<'static>>,
     stop: Receiver<()>,
@@ -96,7 +95,8 @@ pub async fn run(
         }
         shared.metrics.connections_accepted.fetch_add(1, Relaxed);
         shared.metrics.connections_open.fetch_add(1, Relaxed);
-        ex.spawn(connection::serve(socket, peer, shared.clone(), tls.clone()))
+        let tls = tls.as_ref().map(|t| t.current());
+        ex.spawn(connection::serve(socket, peer, shared.clone(), tls))
             .detach();
     }
     log::info!("device listener stopped accepting");

@@ -29,7 +29,7 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub router: Arc<Router>,
     pub appender: Appender,
-    pub gate: Gate,
+    pub gate: Arc<Gate>,
     /// `limits.*` (PROTOCOL 7); `None`: off.
     pub rate: Option<rate::RateLimits>,
     /// Set when shutdown begins: later frames get `shutting_down`.

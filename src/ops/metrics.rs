@@ -77,6 +77,9 @@ pub struct Metrics {
     pub auth_damped: AtomicU64,
     pub auth_revoked_closed: AtomicU64,
     pub tls_handshake_errors: [AtomicU64; HandshakeError::ALL.len()],
+
+    pub reloads: AtomicU64,
+    pub reloads_failed: AtomicU64,
 }
 
 /// Which bound of the hold dropped a message (PROTOCOL 6.3).
@@ -380,6 +383,16 @@ impl Metrics {
             "edgegate_auth_revoked_closed_total",
             "Open connections closed because their device was revoked.",
             get(&self.auth_revoked_closed),
+        );
+        counter(
+            "edgegate_reloads_total",
+            "SIGHUP reloads applied.",
+            get(&self.reloads),
+        );
+        counter(
+            "edgegate_reloads_failed_total",
+            "SIGHUP reloads refused (the running settings were kept).",
+            get(&self.reloads_failed),
         );
         let mut labelled = |name: &str, help: &str, label: &str, values: &[(&str, u64)]| {
             let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n");

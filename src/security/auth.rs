@@ -20,8 +20,8 @@ use crate::wire::protocol::{self, Request};
 /// Everything a connection needs to authenticate.
 pub struct Gate {
     pub mode: AuthMode,
-    /// Present in token mode.
-    pub key: Option<TokenKey>,
+    /// Present in token mode; replaced by a reload (SIGHUP).
+    key: RwLock<Option<TokenKey>>,
     pub revoked: Arc<Revocations>,
     pub damper: Damper,
     /// For the auth frame (token mode) and the TLS handshake.
@@ -43,7 +43,7 @@ impl Gate {
         };
         Ok(Gate {
             mode: cfg.mode,
-            key,
+            key: RwLock::new(key),
             revoked: Arc::new(revoked),
             damper: Damper::new(metrics),
             timeout: cfg.timeout,
@@ -54,7 +54,8 @@ impl Gate {
     /// Token mode: checks an auth frame; the deviceUid it proves, or why not.
     pub fn authenticate(&self, req: &Request<'_>) -> Result<String, (AuthFailure, &'static str)> {
         let claim = protocol::auth_claim(req).map_err(|why| (AuthFailure::BadToken, why))?;
-        let Some(key) = &self.key else {
+        let key = self.key.read().unwrap_or_else(|p| p.into_inner());
+        let Some(key) = key.as_ref() else {
             return Err((
                 AuthFailure::BadToken,
                 "token authentication is not configured",
@@ -70,6 +71,11 @@ impl Gate {
             return Err((AuthFailure::Revoked, REVOKED));
         }
         Ok(claim.device_uid.into_owned())
+    }
+
+    /// Token mode: tokens are checked against `key` from now on.
+    pub fn set_key(&self, key: TokenKey) {
+        *self.key.write().unwrap_or_else(|p| p.into_inner()) = Some(key);
     }
 }
 
@@ -255,6 +261,13 @@ impl Revocations {
         let now: Vec<Box<str>> = listed.iter().cloned().collect();
         *self.listed.write().unwrap_or_else(|p| p.into_inner()) = listed;
         Some(now)
+    }
+
+    /// Re-reads the file whether or not it looks changed (SIGHUP); what
+    /// [`Revocations::reload_if_changed`] returns.
+    pub fn reload_now(&self) -> Option<Vec<Box<str>>> {
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.reload_if_changed()
     }
 
     /// Polls the file in a thread of its own and calls `closer` with every

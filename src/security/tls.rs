@@ -32,6 +32,25 @@ pub enum TlsError {
 
 /// Builds the acceptor for `tls.address`; in `mtls` mode it requires a
 /// client certificate signed by `tls.client_ca_file`.
+/// The TLS listener's acceptor, replaced in place by a reload (SIGHUP): a
+/// handshake uses the one current when it starts, so connections already
+/// open keep theirs.
+pub struct Acceptor(std::sync::RwLock<TlsAcceptor>);
+
+impl Acceptor {
+    pub fn new(acceptor: TlsAcceptor) -> Acceptor {
+        Acceptor(std::sync::RwLock::new(acceptor))
+    }
+
+    pub fn current(&self) -> TlsAcceptor {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn replace(&self, acceptor: TlsAcceptor) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = acceptor;
+    }
+}
+
 pub fn acceptor(cfg: &TlsConfig, mode: AuthMode) -> Result<TlsAcceptor, TlsError> {
     let (Some(cert_file), Some(key_file)) = (&cfg.cert_file, &cfg.key_file) else {
         unreachable!("config requires tls.cert_file and tls.key_file with tls.address");

@@ -390,8 +390,15 @@ impl GatewayOptions {
         Self::new(format!("127.0.0.1:{}", free_port()))
     }
 
+    /// Sets a variable for the gateway; an empty value removes it (e.g.
+    /// the harness's RUST_LOG, so that a config file's `log.level` counts).
     pub fn env(mut self, key: &str, value: impl ToString) -> Self {
         self.env.push((key.to_owned(), value.to_string()));
+        self
+    }
+
+    pub fn config(mut self, path: &Path) -> Self {
+        self.config = Some(path.to_owned());
         self
     }
 
@@ -437,6 +444,9 @@ pub fn command() -> Command {
             c.env_remove(k);
         }
     }
+    // Run by a systemd unit (a CI runner), the gateway would log in the
+    // journal format; the tests read the text one unless they ask.
+    c.env_remove("JOURNAL_STREAM");
     c
 }
 
@@ -500,7 +510,11 @@ impl Gateway {
             .stdout(Stdio::null())
             .stderr(log);
         for (k, v) in &self.opts_env {
-            cmd.env(k, v);
+            if v.is_empty() {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v);
+            }
         }
         if let Some(config) = &self.config {
             cmd.arg("--config").arg(config);

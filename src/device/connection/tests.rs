@@ -52,7 +52,7 @@ fn an_idle_connection_task_stays_small() {
             Arc::new(hold),
         )),
         appender,
-        gate: crate::security::auth::Gate::new(&auth, metrics).unwrap(),
+        gate: Arc::new(crate::security::auth::Gate::new(&auth, metrics).unwrap()),
         rate: None,
         shutting_down: Default::default(),
         open: Default::default(),
