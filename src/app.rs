@@ -343,8 +343,10 @@ pub fn start(checked: Checked) -> Result<Running, AppError> {
 
     let admin = Arc::new(Admin {
         metrics: metrics.clone(),
-        ready: AtomicBool::new(false),
+        life: crate::ops::status::Lifecycle::new(server_id.clone()),
     });
+    ex.spawn(crate::ops::status::report_backlog(metrics.clone()))
+        .detach();
     let bound = smol::block_on(ex.run(bind_listeners(&config)));
     let (admin_listener, plain, tls_listener) = bound?;
     ex.spawn(admin::serve(admin_listener, admin.clone(), ex.clone()))
@@ -378,7 +380,7 @@ pub fn start(checked: Checked) -> Result<Running, AppError> {
         );
         accepting.push(ex.spawn(task));
     }
-    admin.ready.store(true, SeqCst);
+    admin.life.ready.store(true, SeqCst);
     systemd::notify("READY=1");
     if let Some(every) = systemd::watchdog_interval() {
         ex.spawn(systemd::watchdog(every)).detach();
@@ -487,7 +489,8 @@ impl Running {
             ..
         } = self;
         // Load balancers and health checks see it at once.
-        admin.ready.store(false, SeqCst);
+        admin.life.stopping.store(true, SeqCst);
+        admin.life.ready.store(false, SeqCst);
         systemd::notify("STOPPING=1");
         log::info!("shutting down: no new connections; frames from now on get shutting_down");
         shared.shutting_down.store(true, SeqCst);

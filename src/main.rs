@@ -81,7 +81,11 @@ fn parse_args() -> Result<Option<(Command, Flags)>, lexopt::Error> {
                 return Ok(None);
             }
             Long("version") | Short('V') => {
-                out(&format!("edgegate {}\n", env!("CARGO_PKG_VERSION")));
+                let b = edgegate::ops::metrics::build_info();
+                out(&format!(
+                    "edgegate {} (commit {}, {}, librdkafka {})\n",
+                    b.version, b.commit, b.target, b.librdkafka
+                ));
                 return Ok(None);
             }
             Long("config") => flags.config = Some(parser.value()?.into()),

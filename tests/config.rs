@@ -241,3 +241,16 @@ fn check_config_refuses_what_run_would_refuse_with_status_78() {
     assert_eq!(code, Some(78), "{stderr}");
     assert!(!dir.path().join("data").exists());
 }
+
+#[test]
+fn version_names_the_commit_target_and_librdkafka() {
+    let (code, stdout, _) = run(&["--version"], &[]);
+    assert_eq!(code, Some(0));
+    let line = stdout.trim();
+    assert!(
+        line.starts_with(&format!("edgegate {} (commit ", env!("CARGO_PKG_VERSION"))),
+        "{line}"
+    );
+    assert!(line.contains("-linux-"), "the target: {line}");
+    assert!(line.contains(", librdkafka 2."), "{line}");
+}

@@ -318,6 +318,21 @@ fn outbox_cap_refuses_with_outbox_full_and_keeps_the_connection() {
         "{body}"
     );
     assert_eq!(gw.metric("edgegate_outbox_full"), 1.0);
+    let status = gw.status();
+    assert_eq!(status["state"], "outbox_full", "{status}");
+    assert_eq!(status["ready"], false);
+    assert_eq!(status["outbox"]["full"], true);
+    assert_eq!(status["outbox"]["max_bytes"], 1 << 20);
+    assert_eq!(status["outbox"]["records"], acked);
+    assert!(
+        status["last_errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["level"] == "WARN"
+                && e["msg"].as_str().unwrap().contains("the outbox is full")),
+        "{status}"
+    );
     assert!(r["uid"].as_str().unwrap().starts_with('u'));
     assert!(acked >= 5, "only {acked} acks before outbox_full");
     // Still usable: pings work, acknowledged records are all still there.
@@ -342,7 +357,9 @@ fn sigterm_answers_new_frames_with_shutting_down_and_exits_zero() {
     // the connection open: a request now is refused and the connection closed.
     std::thread::sleep(Duration::from_millis(300));
     // Not ready from the first moment of the shutdown.
-    assert_eq!(http_get(gw.admin_port, "/readyz").map(|r| r.0), Some(503));
+    let (code, body) = http_get(gw.admin_port, "/readyz").unwrap();
+    assert_eq!((code, body.as_str()), (503, "not ready: shutting down\n"));
+    assert_eq!(gw.status()["state"], "shutting_down");
     d.send(r#"{"action":"a","uid":"late"}"#);
     let r = d.json();
     assert_eq!(r["errorCode"], "shutting_down");
@@ -484,4 +501,52 @@ fn admin_head_requests_get_no_body_and_other_methods_405() {
     assert_eq!(status, 405);
     let (status, _, body) = http(gw.admin_port, "GET", "/nowhere").unwrap();
     assert_eq!((status, body.as_str()), (404, "not found\n"));
+}
+
+#[test]
+fn status_and_the_log_tell_an_outage_at_a_glance() {
+    let gw = Gateway::start(GatewayOptions::offline());
+    let status = gw.status();
+    assert_eq!(status["state"], "ready", "{status}");
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(status["outbox"]["oldest_age_secs"], Value::Null);
+    let mut d = gw.device();
+    for i in 0..3 {
+        ack_id(&d.request("a", &format!("o{i}"), None, Value::Null));
+    }
+    // Kafka is unreachable and requests wait: said within seconds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !gw
+        .log()
+        .contains("Kafka is unreachable: 3 requests wait in the outbox")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", gw.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = gw.status();
+    assert_eq!(status["kafka"]["connected"], false, "{status}");
+    assert_eq!(status["outbox"]["records"], 3);
+    assert!(
+        status["outbox"]["oldest_age_secs"].as_u64().unwrap() >= 5,
+        "{status}"
+    );
+    assert!(status["outbox"]["bytes"].as_u64().unwrap() > 0);
+    assert_eq!(status["connections"], 1);
+    assert!(status["uptime_secs"].as_u64().unwrap() >= 5);
+    assert!(gw.metric("edgegate_outbox_oldest_age_seconds") >= 5.0);
+    assert_eq!(gw.metric("edgegate_outbox_max_bytes"), (1u64 << 30) as f64);
+    // What a hub runs short of, as the Prometheus client libraries name it.
+    assert!(gw.metric("process_resident_memory_bytes") > 1e6);
+    assert!(gw.metric("process_open_fds") >= 5.0);
+    assert!(gw.metric("process_cpu_seconds_total") > 0.0);
+    let build = gw
+        .metrics()
+        .into_keys()
+        .find(|k| k.starts_with("edgegate_build_info{"))
+        .expect("edgegate_build_info");
+    assert!(
+        build.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))),
+        "{build}"
+    );
+    assert!(build.contains("librdkafka=\"2."), "{build}");
 }

@@ -1,10 +1,10 @@
-//! Admin HTTP: `/healthz`, `/readyz`, `/metrics`.
+//! Admin HTTP: `/healthz`, `/readyz`, `/status`, `/metrics`.
 //!
-//! Three fixed GET routes do not justify an HTTP stack: this reads one
+//! Four fixed GET routes do not justify an HTTP stack: this reads one
 //! request head (bounded), answers and closes.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,14 +13,14 @@ use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::{Executor, Timer};
 
 use crate::ops::metrics::Metrics;
+use crate::ops::status::{self, Lifecycle};
 
 const MAX_HEAD: usize = 8 << 10;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Admin {
     pub metrics: Arc<Metrics>,
-    /// Set once the device listener is up; cleared when shutdown begins.
-    pub ready: AtomicBool,
+    pub life: Lifecycle,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,17 +84,23 @@ async fn handle(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
-    let metrics;
-    let (status, content_type, body) = match (method, path) {
+    let (metrics, status);
+    let (code, content_type, body) = match (method, path) {
         ("GET" | "HEAD", "/healthz") => ("200 OK", "text/plain", "ok\n"),
         ("GET" | "HEAD", "/readyz") => {
             // Ready: the listener is up, the gateway is not stopping, and
             // the outbox takes requests.
-            if !admin.ready.load(SeqCst) {
+            if admin.life.stopping.load(SeqCst) {
                 (
                     "503 Service Unavailable",
                     "text/plain",
-                    "not ready: starting or shutting down\n",
+                    "not ready: shutting down\n",
+                )
+            } else if !admin.life.ready.load(SeqCst) {
+                (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "not ready: starting\n",
                 )
             } else if admin.metrics.outbox_full.load(SeqCst) != 0 {
                 (
@@ -105,6 +111,10 @@ async fn handle(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
             } else {
                 ("200 OK", "text/plain", "ready\n")
             }
+        }
+        ("GET" | "HEAD", "/status") => {
+            status = format!("{:#}\n", status::document(&admin.metrics, &admin.life));
+            ("200 OK", "application/json", status.as_str())
         }
         ("GET" | "HEAD", "/metrics") => {
             metrics = admin.metrics.render();
@@ -120,7 +130,7 @@ async fn handle(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
     // HEAD: the same head, with the length the body would have, and no body.
     let length = body.len();
     let body = if method == "HEAD" { None } else { Some(body) };
-    respond(&mut stream, status, content_type, length, body).await
+    respond(&mut stream, code, content_type, length, body).await
 }
 
 async fn respond(

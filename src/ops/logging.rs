@@ -87,6 +87,28 @@ struct State {
 
 static LOGGER: OnceLock<Logger> = OnceLock::new();
 
+/// The last warnings and errors, for `/status`.
+static RECENT: std::sync::Mutex<std::collections::VecDeque<Recent>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+const RECENT_KEPT: usize = 10;
+
+#[derive(Debug, Clone)]
+pub struct Recent {
+    pub at: String,
+    pub level: &'static str,
+    pub message: String,
+}
+
+/// The last [`RECENT_KEPT`] warnings and errors logged, oldest first.
+pub fn recent() -> Vec<Recent> {
+    RECENT
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .cloned()
+        .collect()
+}
+
 /// Installs the logger with `spec` (a filter [`crate::config::check_log_filter`]
 /// accepted; anything else logs at info) and `format`. Called once, before
 /// the configuration is read so that its refusal is logged; [`configure`]
@@ -144,6 +166,17 @@ impl Log for Logger {
             }
             state.format
         };
+        if record.level() <= Level::Warn {
+            let mut recent = RECENT.lock().unwrap_or_else(|p| p.into_inner());
+            if recent.len() == RECENT_KEPT {
+                recent.pop_front();
+            }
+            recent.push_back(Recent {
+                at: Timestamp::now().to_string(),
+                level: record.level().as_str(),
+                message: format!("{}: {}", record.target(), record.args()),
+            });
+        }
         // The whole line in one write, so threads' lines never interleave.
         let mut line = Vec::with_capacity(128);
         write_line(&mut line, format, record);

@@ -5,6 +5,7 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::wire::protocol::ErrorCode;
 
@@ -31,6 +32,11 @@ pub struct Metrics {
     pub outbox_batches: AtomicI64,
     pub outbox_bytes: AtomicI64,
     pub outbox_disk_bytes: AtomicU64,
+    /// `outbox.max_bytes`.
+    pub outbox_max_bytes: AtomicU64,
+    /// When the oldest batch still on disk was written (Unix ms; 0: none).
+    /// Batches found at start count from the start.
+    pub outbox_oldest_unix_ms: AtomicU64,
     pub outbox_flushes: AtomicU64,
     pub outbox_corrupt_batches: AtomicU64,
     pub outbox_store_recoveries: AtomicU64,
@@ -484,6 +490,11 @@ impl Metrics {
             self.outbox_disk_bytes.load(Relaxed) as i64,
         );
         gauge(
+            "edgegate_outbox_max_bytes",
+            "outbox.max_bytes: past it requests get outbox_full.",
+            self.outbox_max_bytes.load(Relaxed) as i64,
+        );
+        gauge(
             "edgegate_kafka_broker_connected",
             "1 while the producer has a connection to at least one broker.",
             self.kafka_broker_connected.load(Relaxed),
@@ -493,8 +504,87 @@ impl Metrics {
             "Partitions assigned to the downlink consumer.",
             self.kafka_consumer_partitions.load(Relaxed),
         );
+        let _ = write!(
+            out,
+            "# HELP edgegate_outbox_oldest_age_seconds Age of the oldest request waiting on disk for Kafka (0: none; found at start: counted from the start).\n\
+             # TYPE edgegate_outbox_oldest_age_seconds gauge\nedgegate_outbox_oldest_age_seconds {:.3}\n",
+            self.outbox_oldest_age().map_or(0.0, |d| d.as_secs_f64())
+        );
+        build_and_process(&mut out);
         out
     }
+
+    /// How long the oldest request on disk has waited for Kafka.
+    pub fn outbox_oldest_age(&self) -> Option<Duration> {
+        let since = self.outbox_oldest_unix_ms.load(Relaxed);
+        (since != 0).then(|| Duration::from_millis(unix_ms().saturating_sub(since)))
+    }
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What this binary is: version, commit, target, librdkafka.
+pub struct BuildInfo {
+    pub version: &'static str,
+    pub commit: &'static str,
+    pub target: &'static str,
+    pub librdkafka: String,
+}
+
+pub fn build_info() -> BuildInfo {
+    BuildInfo {
+        version: env!("CARGO_PKG_VERSION"),
+        commit: env!("EDGEGATE_COMMIT"),
+        target: env!("EDGEGATE_TARGET"),
+        librdkafka: rdkafka::util::get_rdkafka_version().1,
+    }
+}
+
+/// `edgegate_build_info` and the `process_*` metrics the Prometheus client
+/// libraries export (Linux), for what a hub runs short of: memory, files.
+fn build_and_process(out: &mut String) {
+    let b = build_info();
+    let _ = write!(
+        out,
+        "# HELP edgegate_build_info The running binary (always 1).\n# TYPE edgegate_build_info gauge\n\
+         edgegate_build_info{{version=\"{}\",commit=\"{}\",target=\"{}\",librdkafka=\"{}\"}} 1\n",
+        b.version, b.commit, b.target, b.librdkafka
+    );
+    let resident = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|pages| pages * rustix::param::page_size() as u64);
+    if let Some(bytes) = resident {
+        let _ = write!(
+            out,
+            "# HELP process_resident_memory_bytes Resident memory size in bytes.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {bytes}\n"
+        );
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        // One of them is this listing's own.
+        let open = dir.count().saturating_sub(1);
+        let _ = write!(
+            out,
+            "# HELP process_open_fds Number of open file descriptors.\n# TYPE process_open_fds gauge\nprocess_open_fds {open}\n"
+        );
+    }
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    if let Some(max) = limit.current {
+        let _ = write!(
+            out,
+            "# HELP process_max_fds Maximum number of open file descriptors.\n# TYPE process_max_fds gauge\nprocess_max_fds {max}\n"
+        );
+    }
+    let cpu = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    let _ = write!(
+        out,
+        "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {:.3}\n",
+        cpu.tv_sec as f64 + cpu.tv_nsec as f64 / 1e9
+    );
 }
 
 fn get(c: &AtomicU64) -> u64 {

@@ -6,6 +6,7 @@ pub mod device_cli;
 pub mod logging;
 pub mod metrics;
 pub mod signals;
+pub mod status;
 pub mod systemd;
 
 /// Raises the soft open-file limit to the hard one (each device is a

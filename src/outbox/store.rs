@@ -1,6 +1,7 @@
 //! The store: the generations, oldest first, shared by the writer (appends)
 //! and the producer (reads and removes), and the byte cap.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, RwLock};
@@ -13,7 +14,7 @@ use super::hot::Hot;
 use super::marks::{read_mark, write_mark, REMOVED_FILE};
 use super::record::Compression;
 use super::OutboxError;
-use crate::ops::metrics::Metrics;
+use crate::ops::metrics::{unix_ms, Metrics};
 
 /// A generation is closed to appends at this size on disk (or a quarter of
 /// the cap, if smaller): bounds the memory sled holds per open generation.
@@ -53,6 +54,9 @@ pub struct Store {
     pub hot: Hot,
     /// How records are written (`outbox.compression`); both are read.
     compression: Mutex<Compression>,
+    /// When each flush to disk was written (its first seq, Unix ms), oldest
+    /// first: the age of the oldest request waiting, for operators.
+    written_at: Mutex<VecDeque<(u64, u64)>>,
 }
 
 impl Store {
@@ -109,7 +113,9 @@ impl Store {
             removal_limit: AtomicU64::new(0),
             hot: Hot::default(),
             compression: Mutex::new(Compression::Zstd),
+            written_at: Mutex::new(VecDeque::new()),
         };
+        store.metrics.outbox_max_bytes.store(max_bytes, Relaxed);
         store.scan(&firsts)?;
         store.add_generation()?;
         store.retire_drained();
@@ -166,6 +172,8 @@ impl Store {
         self.metrics.outbox_records.store(records, Relaxed);
         self.metrics.outbox_bytes.store(bytes as i64, Relaxed);
         if batches > 0 {
+            // Their age is not recorded: counted from this start.
+            self.note_written(0);
             log::info!(
                 "outbox holds {records} requests in {batches} batches ({bytes} bytes) from before; replaying them first"
             );
@@ -314,6 +322,7 @@ impl Store {
             .outbox_records
             .fetch_sub(i64::from(records), Relaxed);
         self.metrics.outbox_bytes.fetch_sub(bytes as i64, Relaxed);
+        self.note_removed(seq);
         if generations.len() > 1 && generation.is_empty() {
             self.retire_drained();
         }
@@ -323,6 +332,30 @@ impl Store {
             self.set_full(false);
         }
         Ok(())
+    }
+
+    /// A flush wrote batches from `first_seq` on.
+    pub(super) fn note_written(&self, first_seq: u64) {
+        let now = unix_ms();
+        let mut written = self.written_at.lock().unwrap_or_else(|p| p.into_inner());
+        if written.is_empty() {
+            self.metrics.outbox_oldest_unix_ms.store(now, Relaxed);
+        }
+        written.push_back((first_seq, now));
+    }
+
+    /// The batch `seq` left. Kafka takes batches in order, so every flush
+    /// that ends at or before it is gone.
+    fn note_removed(&self, seq: u64) {
+        let mut written = self.written_at.lock().unwrap_or_else(|p| p.into_inner());
+        while written.len() > 1 && written[1].0 <= seq + 1 {
+            written.pop_front();
+        }
+        if self.metrics.outbox_batches.load(Relaxed) <= 0 {
+            written.clear();
+        }
+        let oldest = written.front().map_or(0, |&(_, at)| at);
+        self.metrics.outbox_oldest_unix_ms.store(oldest, Relaxed);
     }
 
     /// True if the batch `seq` may be removed without moving the removal

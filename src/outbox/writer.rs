@@ -389,6 +389,7 @@ impl Writer {
         // generation, and the producer could not open it.
         let marker = generation.clone();
         let marks = store.clone();
+        let first_seq = records.first().map_or(last, |(seq, _)| *seq);
         // Compressed here, off the executor; what the disk holds is counted.
         let result = smol::unblock(move || {
             let mut stored = 0u64;
@@ -427,6 +428,7 @@ impl Writer {
                 // looks for a record in memory first, then on disk below
                 // `committed`, and skips what is in neither.
                 store.committed.fetch_max(last + 1, SeqCst);
+                store.note_written(first_seq);
                 generation.batches.fetch_add(batches, SeqCst);
                 generation.appended.fetch_add(len, SeqCst);
                 store.live_bytes.fetch_add(len, SeqCst);

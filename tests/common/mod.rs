@@ -563,6 +563,13 @@ impl Gateway {
             .collect()
     }
 
+    /// The `/status` document.
+    pub fn status(&self) -> Value {
+        let (code, body) = http_get(self.admin_port, "/status").expect("/status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    }
+
     pub fn metric(&self, name: &str) -> f64 {
         self.metrics().get(name).copied().unwrap_or(f64::NAN)
     }
