@@ -64,6 +64,8 @@ fn envelope_key_and_header_follow_the_contract() {
     assert_eq!(b.headers["message-id"], anonymous.as_bytes());
     gw.wait_metric("edgegate_outbox_records", |v| v == 0.0);
     assert!(gw.metric("edgegate_kafka_delivered_total") >= 2.0);
+    assert!(gw.metric("edgegate_kafka_delivery_seconds_count") >= 2.0);
+    assert!(gw.metric("edgegate_ack_seconds_count") >= 2.0);
     gw.wait_metric("edgegate_kafka_broker_connected", |v| v == 1.0);
 }
 

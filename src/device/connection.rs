@@ -493,6 +493,7 @@ impl Connection {
             return Ok(None);
         }
         let accepted = work.batch.len();
+        let appending = Instant::now();
         let outcome = if !work.batch.is_empty() {
             self.shared
                 .appender
@@ -505,6 +506,11 @@ impl Connection {
         match &outcome {
             Ok(()) => {
                 metrics.acks.fetch_add(accepted as u64, Relaxed);
+                if accepted > 0 {
+                    metrics
+                        .ack_seconds
+                        .observe(appending.elapsed(), accepted as u64);
+                }
             }
             Err(e) => {
                 let code = turn::refusal_code(e);

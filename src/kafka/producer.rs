@@ -143,6 +143,8 @@ struct InFlight {
     /// one request at a time.
     refused: bool,
     sent: Sent,
+    /// When it was handed to librdkafka, for the delivery latency.
+    produced_at: Instant,
 }
 
 pub struct Pipeline {
@@ -304,6 +306,7 @@ impl Pipeline {
                     failed: !done,
                     refused: false,
                     sent,
+                    produced_at: Instant::now(),
                 });
                 if !done {
                     return;
@@ -322,6 +325,7 @@ impl Pipeline {
                 failed: false,
                 refused: false,
                 sent,
+                produced_at: Instant::now(),
             });
             self.in_flight_msgs += count as usize;
             self.metrics
@@ -394,6 +398,9 @@ impl Pipeline {
         match outcome {
             Ok(()) => {
                 self.metrics.kafka_delivered.fetch_add(1, Relaxed);
+                self.metrics
+                    .kafka_delivery_seconds
+                    .observe(batch.produced_at.elapsed(), 1);
                 false
             }
             Err(e) => {

@@ -9,8 +9,65 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::wire::protocol::ErrorCode;
 
+/// Upper bounds of the latency histograms' buckets, in seconds: from a
+/// Kafka confirmation on a LAN to an fsync on a slow SD card.
+const LATENCY_BOUNDS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A Prometheus histogram with fixed buckets: one relaxed add per bucket,
+/// sum and count per observation.
+#[derive(Default)]
+pub struct Histogram {
+    /// Per bucket, not cumulative (the last: above every bound).
+    buckets: [AtomicU64; LATENCY_BOUNDS.len() + 1],
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    /// `n` observations of `d` (a turn's acks share one latency).
+    pub fn observe(&self, d: Duration, n: u64) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BOUNDS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BOUNDS.len());
+        self.buckets[i].fetch_add(n, Relaxed);
+        self.sum_micros.fetch_add(d.as_micros() as u64 * n, Relaxed);
+        self.count.fetch_add(n, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} histogram\n");
+        let mut cumulative = 0;
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            cumulative += bucket.load(Relaxed);
+            match LATENCY_BOUNDS.get(i) {
+                Some(le) => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+                }
+                None => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+                }
+            }
+        }
+        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
+        let _ = write!(
+            out,
+            "{name}_sum {sum:.6}\n{name}_count {}\n",
+            self.count.load(Relaxed)
+        );
+    }
+}
+
 #[derive(Default)]
 pub struct Metrics {
+    /// From the start of a turn's append to its acks (Kafka's confirmation
+    /// or the fsync).
+    pub ack_seconds: Histogram,
+    /// From a batch's hand-over to librdkafka to each delivery report.
+    pub kafka_delivery_seconds: Histogram,
     pub connections_open: AtomicI64,
     pub connections_accepted: AtomicU64,
     pub connections_rejected_busy: AtomicU64,
@@ -510,6 +567,16 @@ impl Metrics {
              # TYPE edgegate_outbox_oldest_age_seconds gauge\nedgegate_outbox_oldest_age_seconds {:.3}\n",
             self.outbox_oldest_age().map_or(0.0, |d| d.as_secs_f64())
         );
+        self.ack_seconds.render(
+            &mut out,
+            "edgegate_ack_seconds",
+            "Time from a request's turn to its ack (Kafka's confirmation or the outbox fsync, whichever came first).",
+        );
+        self.kafka_delivery_seconds.render(
+            &mut out,
+            "edgegate_kafka_delivery_seconds",
+            "Time from handing a request to librdkafka to its delivery report.",
+        );
         build_and_process(&mut out);
         out
     }
@@ -596,6 +663,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn histograms_are_cumulative_with_sum_and_count() {
+        let m = Metrics::default();
+        m.ack_seconds.observe(Duration::from_micros(500), 2);
+        m.ack_seconds.observe(Duration::from_millis(30), 1);
+        m.ack_seconds.observe(Duration::from_secs(20), 1);
+        let text = m.render();
+        for line in [
+            "edgegate_ack_seconds_bucket{le=\"0.001\"} 2\n",
+            "edgegate_ack_seconds_bucket{le=\"0.025\"} 2\n",
+            "edgegate_ack_seconds_bucket{le=\"0.05\"} 3\n",
+            "edgegate_ack_seconds_bucket{le=\"10\"} 3\n",
+            "edgegate_ack_seconds_bucket{le=\"+Inf\"} 4\n",
+            "edgegate_ack_seconds_sum 20.031000\n",
+            "edgegate_ack_seconds_count 4\n",
+            "# TYPE edgegate_kafka_delivery_seconds histogram\n",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
+
+    #[test]
     fn render_is_prometheus_text() {
         let m = Metrics::default();
         m.error(ErrorCode::OutboxFull);
@@ -610,8 +698,13 @@ mod tests {
         assert!(text.contains("edgegate_tls_handshake_errors_total{reason=\"not_tls\"} 1\n"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ').unwrap();
-            assert!(name.starts_with("edgegate_"), "{line}");
-            value.parse::<i64>().unwrap();
+            assert!(
+                name.starts_with("edgegate_") || name.starts_with("process_"),
+                "{line}"
+            );
+            value
+                .parse::<f64>()
+                .unwrap_or_else(|e| panic!("{e}: {line}"));
         }
     }
 }
