@@ -24,6 +24,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const COMMANDS: &str = "\
 usage: edgegate [run] [OPTIONS]          run the gateway
        edgegate check-config [OPTIONS]   validate the configuration and print the effective settings
+       edgegate outbox stat|dump|purge [OPTIONS] [--yes]
+                                         a stopped gateway's outbox: count, export or delete what waits
        edgegate device [ADDR]            a device session: stdin lines are sent, replies printed
        edgegate token DEVICE_UID --key-file PATH
                                          print the auth token of a device (auth.mode = token)
@@ -43,9 +45,15 @@ fn usage() -> String {
     format!("{COMMANDS}\noptions:\n{}\n{MORE}", keys::usage_options())
 }
 
+mod outbox_cli;
+
 enum Command {
     Run,
     CheckConfig,
+    Outbox {
+        action: outbox_cli::Action,
+        yes: bool,
+    },
     Device(String),
     Token {
         device_uid: String,
@@ -66,18 +74,53 @@ fn parse_args() -> Result<Option<(Command, Flags)>, lexopt::Error> {
                     Some("check-config") => Command::CheckConfig,
                     Some("device") => {
                         let address = match parser.next()? {
+                            Some(Long("help") | Short('h')) => {
+                                out(&format!("{}\n", device::USAGE));
+                                return Ok(None);
+                            }
                             Some(Value(v)) => v.string()?,
                             Some(other) => return Err(other.unexpected()),
                             None => "127.0.0.1:3000".to_owned(),
                         };
                         return Ok(Some((Command::Device(address), flags)));
                     }
-                    Some("token") => return parse_token(&mut parser).map(Some),
+                    Some("token") => return parse_token(&mut parser),
+                    Some("outbox") => {
+                        let (word, action) = match parser.next()? {
+                            Some(Value(w)) => {
+                                let word = w.string()?;
+                                let action = outbox_cli::Action::parse(&word);
+                                (word, action)
+                            }
+                            Some(Long("help") | Short('h')) | None => {
+                                out(outbox_cli::USAGE);
+                                return Ok(None);
+                            }
+                            Some(other) => return Err(other.unexpected()),
+                        };
+                        let Some(action) = action else {
+                            return Err(lexopt::Error::Custom(
+                                format!("outbox: `{word}` is not stat, dump or purge").into(),
+                            ));
+                        };
+                        Command::Outbox { action, yes: false }
+                    }
                     _ => return Err(lexopt::Error::UnexpectedArgument(v)),
                 });
             }
+            Long("yes") if matches!(command, Some(Command::Outbox { .. })) => {
+                if let Some(Command::Outbox { yes, .. }) = &mut command {
+                    *yes = true;
+                }
+            }
             Long("help") | Short('h') => {
-                out(&usage());
+                match command {
+                    Some(Command::CheckConfig) => out(&format!(
+                        "{CHECK_CONFIG}\noptions:\n{}",
+                        keys::usage_options()
+                    )),
+                    _ => out(&usage()),
+                };
                 return Ok(None);
             }
             Long("version") | Short('V') => {
@@ -102,12 +145,33 @@ fn parse_args() -> Result<Option<(Command, Flags)>, lexopt::Error> {
     Ok(Some((command.unwrap_or(Command::Run), flags)))
 }
 
-fn parse_token(parser: &mut lexopt::Parser) -> Result<(Command, Flags), lexopt::Error> {
+const TOKEN: &str = "\
+usage: edgegate token DEVICE_UID --key-file PATH
+
+Prints the auth token of a device for auth.mode = \"token\": the hex
+HMAC-SHA256 of DEVICE_UID under the key in PATH (the gateway's
+auth.token_key_file, mode 600). The device sends it in its auth frame.
+";
+
+const CHECK_CONFIG: &str = "\
+usage: edgegate check-config [--config PATH] [OPTIONS]
+
+Reads the configuration as `run` would (file, EDGEGATE_* environment,
+flags), checks it, the files it names, the kafka.properties as librdkafka
+reads them and that the data directory is writable, and prints every
+effective setting with where it came from. Exit status 78 when refused.
+";
+
+fn parse_token(parser: &mut lexopt::Parser) -> Result<Option<(Command, Flags)>, lexopt::Error> {
     use lexopt::prelude::*;
     let mut device_uid = None;
     let mut key_file = None;
     while let Some(arg) = parser.next()? {
         match arg {
+            Long("help") | Short('h') => {
+                out(TOKEN);
+                return Ok(None);
+            }
             Long("key-file") => key_file = Some(PathBuf::from(parser.value()?)),
             Value(v) if device_uid.is_none() => device_uid = Some(v.string()?),
             _ => return Err(arg.unexpected()),
@@ -118,7 +182,7 @@ fn parse_token(parser: &mut lexopt::Parser) -> Result<(Command, Flags), lexopt::
         device_uid: device_uid.ok_or_else(|| missing("DEVICE_UID"))?,
         key_file: key_file.ok_or_else(|| missing("--key-file PATH"))?,
     };
-    Ok((command, Flags::default()))
+    Ok(Some((command, Flags::default())))
 }
 
 /// `edgegate token`: provisioning, with the same key checks as the service.
@@ -241,6 +305,7 @@ fn main() -> ExitCode {
             Ok(checked) => out(&checked.config().describe()),
             Err(e) => refused(e),
         },
+        Command::Outbox { action, yes } => outbox_cli::run(action, yes, &config.data_dir),
         Command::Device(_) | Command::Token { .. } => {
             unreachable!("handled before loading the configuration")
         }

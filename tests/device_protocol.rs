@@ -397,8 +397,12 @@ fn a_second_gateway_on_the_same_data_dir_is_refused_and_moves_nothing() {
         .unwrap();
     assert_ne!(out.status.code(), Some(0));
     let stderr = String::from_utf8_lossy(&out.stderr);
+    // Naming the process that holds it.
     assert!(
-        stderr.contains("in use by another edgegate process"),
+        stderr.contains(&format!(
+            "in use by another edgegate process (PID {})",
+            gw.pid()
+        )),
         "{stderr}"
     );
     let moved: Vec<_> = std::fs::read_dir(gw.data_dir.join("outbox"))
@@ -535,6 +539,10 @@ fn status_and_the_log_tell_an_outage_at_a_glance() {
     assert!(status["uptime_secs"].as_u64().unwrap() >= 5);
     assert!(gw.metric("edgegate_outbox_oldest_age_seconds") >= 5.0);
     assert_eq!(gw.metric("edgegate_outbox_max_bytes"), (1u64 << 30) as f64);
+    // Acked by the fsync: Kafka is away.
+    assert_eq!(gw.metric("edgegate_ack_seconds_count"), 3.0);
+    assert_eq!(gw.metric("edgegate_ack_seconds_bucket{le=\"+Inf\"}"), 3.0);
+    assert_eq!(gw.metric("edgegate_kafka_delivery_seconds_count"), 0.0);
     // What a hub runs short of, as the Prometheus client libraries name it.
     assert!(gw.metric("process_resident_memory_bytes") > 1e6);
     assert!(gw.metric("process_open_fds") >= 5.0);

@@ -310,7 +310,7 @@ pub const KEYS: &[Key] = &[
         kind: Kind::Address,
         default: "127.0.0.1:8080",
         flag: flag("--admin-listen", "ADDR"),
-        help: "HTTP /healthz, /readyz, /metrics",
+        help: "HTTP /healthz, /readyz, /status, /metrics",
     },
     Key {
         name: "auth.mode",

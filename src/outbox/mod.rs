@@ -120,6 +120,7 @@
 mod durable;
 mod generation;
 pub mod hot;
+pub mod inspect;
 mod marks;
 pub mod quarantine;
 mod reader;
@@ -155,8 +156,13 @@ pub enum OutboxError {
     Store(#[from] sled::Error),
     #[error("outbox generation {0} was already drained and deleted")]
     Retired(PathBuf),
-    #[error("the data directory {path} is in use by another edgegate process")]
-    InUse { path: PathBuf },
+    #[error("the data directory {path} is in use by another edgegate process{holder}")]
+    InUse { path: PathBuf, holder: String },
+    #[error("cannot open the outbox lock file {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Why an append was refused. Nothing of a refused append is acked.

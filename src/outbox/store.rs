@@ -495,23 +495,47 @@ pub(super) fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
+/// Locks the outbox for this process and writes its PID in the lock file,
+/// so that a second one can say who holds it.
 pub(super) fn lock_dir(root: &Path) -> Result<std::fs::File, OutboxError> {
+    use std::io::{Read, Seek, Write};
     let path = root.join("lock");
-    let io = |source| OutboxError::CreateDir {
+    let io = |source| OutboxError::Lock {
         path: path.clone(),
         source,
     };
-    let file = std::fs::File::options()
+    let mut file = std::fs::File::options()
         .create(true)
         .truncate(false)
+        .read(true)
         .write(true)
         .open(&path)
         .map_err(io)?;
     match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(OutboxError::InUse {
-            path: root.to_owned(),
-        }),
+        Ok(()) => {
+            // Not synced: only a running process's PID means anything.
+            let pid = std::process::id().to_string();
+            let written = file
+                .set_len(0)
+                .and_then(|()| file.rewind())
+                .and_then(|()| file.write_all(pid.as_bytes()));
+            if let Err(e) = written {
+                log::warn!("cannot write the PID into {}: {e}", path.display());
+            }
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let holder = match pid.trim().parse::<u32>() {
+                Ok(pid) => format!(" (PID {pid})"),
+                Err(_) => String::new(),
+            };
+            Err(OutboxError::InUse {
+                path: root.to_owned(),
+                holder,
+            })
+        }
         Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
     }
 }
