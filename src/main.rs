@@ -29,6 +29,7 @@ usage: edgegate [run] [OPTIONS]          run the gateway
        edgegate device [ADDR]            a device session: stdin lines are sent, replies printed
        edgegate token DEVICE_UID --key-file PATH
                                          print the auth token of a device (auth.mode = token)
+       edgegate completions bash         the bash completion script
        edgegate --version | --help
 ";
 
@@ -45,6 +46,7 @@ fn usage() -> String {
     format!("{COMMANDS}\noptions:\n{}\n{MORE}", keys::usage_options())
 }
 
+mod completions;
 mod outbox_cli;
 
 enum Command {
@@ -72,6 +74,17 @@ fn parse_args() -> Result<Option<(Command, Flags)>, lexopt::Error> {
                 command = Some(match v.to_str() {
                     Some("run") => Command::Run,
                     Some("check-config") => Command::CheckConfig,
+                    Some("completions") => {
+                        return match parser.next()? {
+                            Some(Value(shell)) if shell == "bash" => {
+                                out(&completions::bash());
+                                Ok(None)
+                            }
+                            _ => Err(lexopt::Error::Custom(
+                                "completions: the shell is missing (bash)".into(),
+                            )),
+                        };
+                    }
                     Some("device") => {
                         let address = match parser.next()? {
                             Some(Long("help") | Short('h')) => {

@@ -254,3 +254,51 @@ fn version_names_the_commit_target_and_librdkafka() {
     assert!(line.contains("-linux-"), "the target: {line}");
     assert!(line.contains(", librdkafka 2."), "{line}");
 }
+
+#[test]
+fn bash_completion_is_made_from_the_same_tables_and_shipped_as_made() {
+    let (code, script, _) = run(&["completions", "bash"], &[]);
+    assert_eq!(code, Some(0));
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/packaging/edgegate.bash-completion"
+    ))
+    .unwrap();
+    assert_eq!(
+        script, shipped,
+        "regenerate: edgegate completions bash > packaging/edgegate.bash-completion"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("edgegate");
+    std::fs::write(&file, &script).unwrap();
+    let complete = |words: &str| {
+        let n = words.split(' ').count() - 1;
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "source {}; COMP_WORDS=({words}); COMP_CWORD={n}; _edgegate; echo \"${{COMPREPLY[*]}}\"",
+                file.display()
+            ))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(complete("edgegate out"), "outbox");
+    assert_eq!(complete("edgegate outbox p"), "purge");
+    assert_eq!(complete("edgegate run --da"), "--data-dir");
+    assert_eq!(complete("edgegate outbox stat --y"), "--yes");
+}
+
+#[test]
+fn the_man_page_lists_every_flag_of_the_key_table() {
+    let man = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/edgegate.1"))
+        .unwrap();
+    let (_, help, _) = run(&["--help"], &[]);
+    for flag in help
+        .split_whitespace()
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+    {
+        let roff = flag.replace('-', "\\-");
+        assert!(man.contains(&roff), "the man page lacks {flag} ({roff})");
+    }
+}
