@@ -137,7 +137,7 @@ fn parse_args() -> Result<Option<(Command, Flags)>, lexopt::Error> {
                 return Ok(None);
             }
             Long("version") | Short('V') => {
-                let b = edgegate::ops::metrics::build_info();
+                let b = edgegate::ops::build::build_info();
                 out(&format!(
                     "edgegate {} (commit {}, {}, librdkafka {})\n",
                     b.version, b.commit, b.target, b.librdkafka

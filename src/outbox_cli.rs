@@ -67,7 +67,7 @@ pub fn run(action: Action, yes: bool, data_dir: &Path) -> ExitCode {
 
 fn stat(data_dir: &Path) -> Result<(), OutboxError> {
     let s = inspect::stat(data_dir)?;
-    let now = edgegate::ops::metrics::unix_ms() as i64;
+    let now = edgegate::ops::build::unix_ms() as i64;
     let age = |at: &Option<String>| match at {
         Some(ts) => match inspect::unix_millis(ts) {
             Some(ms) => format!("{ts} ({} s ago)", (now - ms).max(0) / 1000),

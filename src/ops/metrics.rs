@@ -5,61 +5,11 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use crate::ops::build::{build_and_process, unix_ms};
+use crate::ops::histogram::Histogram;
 use crate::wire::protocol::ErrorCode;
-
-/// Upper bounds of the latency histograms' buckets, in seconds: from a
-/// Kafka confirmation on a LAN to an fsync on a slow SD card.
-const LATENCY_BOUNDS: [f64; 13] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
-/// A Prometheus histogram with fixed buckets: one relaxed add per bucket,
-/// sum and count per observation.
-#[derive(Default)]
-pub struct Histogram {
-    /// Per bucket, not cumulative (the last: above every bound).
-    buckets: [AtomicU64; LATENCY_BOUNDS.len() + 1],
-    sum_micros: AtomicU64,
-    count: AtomicU64,
-}
-
-impl Histogram {
-    /// `n` observations of `d` (a turn's acks share one latency).
-    pub fn observe(&self, d: Duration, n: u64) {
-        let secs = d.as_secs_f64();
-        let i = LATENCY_BOUNDS
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(LATENCY_BOUNDS.len());
-        self.buckets[i].fetch_add(n, Relaxed);
-        self.sum_micros.fetch_add(d.as_micros() as u64 * n, Relaxed);
-        self.count.fetch_add(n, Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} histogram\n");
-        let mut cumulative = 0;
-        for (i, bucket) in self.buckets.iter().enumerate() {
-            cumulative += bucket.load(Relaxed);
-            match LATENCY_BOUNDS.get(i) {
-                Some(le) => {
-                    let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
-                }
-                None => {
-                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-                }
-            }
-        }
-        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
-        let _ = write!(
-            out,
-            "{name}_sum {sum:.6}\n{name}_count {}\n",
-            self.count.load(Relaxed)
-        );
-    }
-}
 
 #[derive(Default)]
 pub struct Metrics {
@@ -586,72 +536,6 @@ impl Metrics {
         let since = self.outbox_oldest_unix_ms.load(Relaxed);
         (since != 0).then(|| Duration::from_millis(unix_ms().saturating_sub(since)))
     }
-}
-
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// What this binary is: version, commit, target, librdkafka.
-pub struct BuildInfo {
-    pub version: &'static str,
-    pub commit: &'static str,
-    pub target: &'static str,
-    pub librdkafka: String,
-}
-
-pub fn build_info() -> BuildInfo {
-    BuildInfo {
-        version: env!("CARGO_PKG_VERSION"),
-        commit: env!("EDGEGATE_COMMIT"),
-        target: env!("EDGEGATE_TARGET"),
-        librdkafka: rdkafka::util::get_rdkafka_version().1,
-    }
-}
-
-/// `edgegate_build_info` and the `process_*` metrics the Prometheus client
-/// libraries export (Linux), for what a hub runs short of: memory, files.
-fn build_and_process(out: &mut String) {
-    let b = build_info();
-    let _ = write!(
-        out,
-        "# HELP edgegate_build_info The running binary (always 1).\n# TYPE edgegate_build_info gauge\n\
-         edgegate_build_info{{version=\"{}\",commit=\"{}\",target=\"{}\",librdkafka=\"{}\"}} 1\n",
-        b.version, b.commit, b.target, b.librdkafka
-    );
-    let resident = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map(|pages| pages * rustix::param::page_size() as u64);
-    if let Some(bytes) = resident {
-        let _ = write!(
-            out,
-            "# HELP process_resident_memory_bytes Resident memory size in bytes.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {bytes}\n"
-        );
-    }
-    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
-        // One of them is this listing's own.
-        let open = dir.count().saturating_sub(1);
-        let _ = write!(
-            out,
-            "# HELP process_open_fds Number of open file descriptors.\n# TYPE process_open_fds gauge\nprocess_open_fds {open}\n"
-        );
-    }
-    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
-    if let Some(max) = limit.current {
-        let _ = write!(
-            out,
-            "# HELP process_max_fds Maximum number of open file descriptors.\n# TYPE process_max_fds gauge\nprocess_max_fds {max}\n"
-        );
-    }
-    let cpu = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
-    let _ = write!(
-        out,
-        "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {:.3}\n",
-        cpu.tv_sec as f64 + cpu.tv_nsec as f64 / 1e9
-    );
 }
 
 fn get(c: &AtomicU64) -> u64 {

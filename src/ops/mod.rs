@@ -2,7 +2,9 @@
 //! signals, systemd notifications, and the `edgegate device` test client.
 
 pub mod admin;
+pub mod build;
 pub mod device_cli;
+pub mod histogram;
 pub mod logging;
 pub mod metrics;
 pub mod signals;

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::ops::build::build_info;
 use crate::ops::logging;
-use crate::ops::metrics::{build_info, Metrics};
+use crate::ops::metrics::Metrics;
 
 /// How often the backlog line is repeated while Kafka stays unreachable.
 const BACKLOG_EVERY: Duration = Duration::from_secs(60);

@@ -14,7 +14,8 @@ use super::hot::Hot;
 use super::marks::{read_mark, write_mark, REMOVED_FILE};
 use super::record::Compression;
 use super::OutboxError;
-use crate::ops::metrics::{unix_ms, Metrics};
+use crate::ops::build::unix_ms;
+use crate::ops::metrics::Metrics;
 
 /// A generation is closed to appends at this size on disk (or a quarter of
 /// the cap, if smaller): bounds the memory sled holds per open generation.
