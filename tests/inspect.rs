@@ -9,18 +9,13 @@ use common::*;
 use serde_json::{json, Value};
 
 fn outbox(args: &[&str], data_dir: &std::path::Path) -> (Option<i32>, String, String) {
-    let out = command()
-        .arg("outbox")
-        .args(args)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let dir = data_dir.to_str().unwrap();
+    let all: Vec<&str> = ["outbox"]
+        .into_iter()
+        .chain(args.iter().copied())
+        .chain(["--data-dir", dir])
+        .collect();
+    run_cli(&all, &[])
 }
 
 #[test]

@@ -450,6 +450,21 @@ pub fn command() -> Command {
     c
 }
 
+/// Runs the binary once (not as a gateway): its exit code, stdout, stderr.
+pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let out = command()
+        .args(args)
+        .envs(env.iter().copied())
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 impl Gateway {
     pub fn start(opts: GatewayOptions) -> Gateway {
         let (tmp, data_dir) = match opts.data_dir {
