@@ -6,11 +6,10 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use edgegate::app;
-use edgegate::config::{keys, Config, Flags};
+use edgegate::config::Config;
 use edgegate::ops::device_cli as device;
 use edgegate::ops::logging;
 use edgegate::security::auth;
@@ -21,182 +20,10 @@ use edgegate::wire::protocol;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const COMMANDS: &str = "\
-usage: edgegate [run] [OPTIONS]          run the gateway
-       edgegate check-config [OPTIONS]   validate the configuration and print the effective settings
-       edgegate outbox stat|dump|purge [OPTIONS] [--yes]
-                                         a stopped gateway's outbox: count, export or delete what waits
-       edgegate device [ADDR]            a device session: stdin lines are sent, replies printed
-       edgegate token DEVICE_UID --key-file PATH
-                                         print the auth token of a device (auth.mode = token)
-       edgegate completions bash         the bash completion script
-       edgegate --version | --help
-";
-
-const MORE: &str = "\
-Every setting can also come from the environment (EDGEGATE_<SECTION>_<KEY>);
-precedence: flag > environment > file > default. `edgegate check-config`
-prints every setting and where its value came from. Logs go to stderr;
-log.level filters them (EDGEGATE_LOG_LEVEL, else RUST_LOG: e.g. debug or
-info,librdkafka=warn) and log.format sets text, json or journal lines.
-";
-
-/// The options come from the key table, so they cannot drift from it.
-fn usage() -> String {
-    format!("{COMMANDS}\noptions:\n{}\n{MORE}", keys::usage_options())
-}
-
-mod completions;
+mod cli;
 mod outbox_cli;
 
-enum Command {
-    Run,
-    CheckConfig,
-    Outbox {
-        action: outbox_cli::Action,
-        yes: bool,
-    },
-    Device(String),
-    Token {
-        device_uid: String,
-        key_file: PathBuf,
-    },
-}
-
-fn parse_args() -> Result<Option<(Command, Flags)>, lexopt::Error> {
-    use lexopt::prelude::*;
-    let mut parser = lexopt::Parser::from_env();
-    let mut command = None;
-    let mut flags = Flags::default();
-    while let Some(arg) = parser.next()? {
-        match arg {
-            Value(v) if command.is_none() => {
-                command = Some(match v.to_str() {
-                    Some("run") => Command::Run,
-                    Some("check-config") => Command::CheckConfig,
-                    Some("completions") => {
-                        return match parser.next()? {
-                            Some(Value(shell)) if shell == "bash" => {
-                                out(&completions::bash());
-                                Ok(None)
-                            }
-                            _ => Err(lexopt::Error::Custom(
-                                "completions: the shell is missing (bash)".into(),
-                            )),
-                        };
-                    }
-                    Some("device") => {
-                        let address = match parser.next()? {
-                            Some(Long("help") | Short('h')) => {
-                                out(&format!("{}\n", device::USAGE));
-                                return Ok(None);
-                            }
-                            Some(Value(v)) => v.string()?,
-                            Some(other) => return Err(other.unexpected()),
-                            None => "127.0.0.1:3000".to_owned(),
-                        };
-                        return Ok(Some((Command::Device(address), flags)));
-                    }
-                    Some("token") => return parse_token(&mut parser),
-                    Some("outbox") => {
-                        let (word, action) = match parser.next()? {
-                            Some(Value(w)) => {
-                                let word = w.string()?;
-                                let action = outbox_cli::Action::parse(&word);
-                                (word, action)
-                            }
-                            Some(Long("help") | Short('h')) | None => {
-                                out(outbox_cli::USAGE);
-                                return Ok(None);
-                            }
-                            Some(other) => return Err(other.unexpected()),
-                        };
-                        let Some(action) = action else {
-                            return Err(lexopt::Error::Custom(
-                                format!("outbox: `{word}` is not stat, dump or purge").into(),
-                            ));
-                        };
-                        Command::Outbox { action, yes: false }
-                    }
-                    _ => return Err(lexopt::Error::UnexpectedArgument(v)),
-                });
-            }
-            Long("yes") if matches!(command, Some(Command::Outbox { .. })) => {
-                if let Some(Command::Outbox { yes, .. }) = &mut command {
-                    *yes = true;
-                }
-            }
-            Long("help") | Short('h') => {
-                match command {
-                    Some(Command::CheckConfig) => out(&format!(
-                        "{CHECK_CONFIG}\noptions:\n{}",
-                        keys::usage_options()
-                    )),
-                    _ => out(&usage()),
-                };
-                return Ok(None);
-            }
-            Long("version") | Short('V') => {
-                let b = edgegate::ops::build::build_info();
-                out(&format!(
-                    "edgegate {} (commit {}, {}, librdkafka {})\n",
-                    b.version, b.commit, b.target, b.librdkafka
-                ));
-                return Ok(None);
-            }
-            Long("config") => flags.config = Some(parser.value()?.into()),
-            Long(name) => {
-                let Some(key) = keys::by_flag(&format!("--{name}")) else {
-                    return Err(arg.unexpected());
-                };
-                let value = parser.value()?.string()?;
-                flags.values.insert(key.name, value);
-            }
-            _ => return Err(arg.unexpected()),
-        }
-    }
-    Ok(Some((command.unwrap_or(Command::Run), flags)))
-}
-
-const TOKEN: &str = "\
-usage: edgegate token DEVICE_UID --key-file PATH
-
-Prints the auth token of a device for auth.mode = \"token\": the hex
-HMAC-SHA256 of DEVICE_UID under the key in PATH (the gateway's
-auth.token_key_file, mode 600). The device sends it in its auth frame.
-";
-
-const CHECK_CONFIG: &str = "\
-usage: edgegate check-config [--config PATH] [OPTIONS]
-
-Reads the configuration as `run` would (file, EDGEGATE_* environment,
-flags), checks it, the files it names, the kafka.properties as librdkafka
-reads them and that the data directory is writable, and prints every
-effective setting with where it came from. Exit status 78 when refused.
-";
-
-fn parse_token(parser: &mut lexopt::Parser) -> Result<Option<(Command, Flags)>, lexopt::Error> {
-    use lexopt::prelude::*;
-    let mut device_uid = None;
-    let mut key_file = None;
-    while let Some(arg) = parser.next()? {
-        match arg {
-            Long("help") | Short('h') => {
-                out(TOKEN);
-                return Ok(None);
-            }
-            Long("key-file") => key_file = Some(PathBuf::from(parser.value()?)),
-            Value(v) if device_uid.is_none() => device_uid = Some(v.string()?),
-            _ => return Err(arg.unexpected()),
-        }
-    }
-    let missing = |what: &str| lexopt::Error::Custom(format!("token: {what} is missing").into());
-    let command = Command::Token {
-        device_uid: device_uid.ok_or_else(|| missing("DEVICE_UID"))?,
-        key_file: key_file.ok_or_else(|| missing("--key-file PATH"))?,
-    };
-    Ok(Some((command, Flags::default())))
-}
+use cli::Command;
 
 /// `edgegate token`: provisioning, with the same key checks as the service.
 fn print_token(device_uid: &str, key_file: &std::path::Path) -> ExitCode {
@@ -275,14 +102,27 @@ fn raise_open_file_limit() {
 }
 
 fn main() -> ExitCode {
-    let (command, flags) = match parse_args() {
-        Ok(Some(parsed)) => parsed,
-        Ok(None) => return ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("edgegate: {e}\n\n{}", usage());
+    let (command, flags) = match cli::parse(std::env::args_os()) {
+        Ok(parsed) => parsed,
+        // --help, or a usage error (status 2).
+        Err(e) if e.use_stderr() => {
+            eprint!("{}", e.render());
             return ExitCode::from(2);
         }
+        Err(e) => return out(&e.render().to_string()),
     };
+    match &command {
+        Command::Version => {
+            let b = edgegate::ops::build::build_info();
+            return out(&format!(
+                "edgegate {} (commit {}, {}, librdkafka {})\n",
+                b.version, b.commit, b.target, b.librdkafka
+            ));
+        }
+        Command::Completions(shell) => return out(&cli::completions(*shell)),
+        Command::Manual => return out(&cli::manual()),
+        _ => {}
+    }
     if let Command::Token {
         device_uid,
         key_file,
@@ -295,7 +135,7 @@ fn main() -> ExitCode {
         return match device::run(address) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("edgegate device: {e}\n{}", device::USAGE);
+                eprintln!("edgegate device: {e}");
                 ExitCode::FAILURE
             }
         };
@@ -319,7 +159,11 @@ fn main() -> ExitCode {
             Err(e) => refused(e),
         },
         Command::Outbox { action, yes } => outbox_cli::run(action, yes, &config.data_dir),
-        Command::Device(_) | Command::Token { .. } => {
+        Command::Device(_)
+        | Command::Token { .. }
+        | Command::Version
+        | Command::Completions(_)
+        | Command::Manual => {
             unreachable!("handled before loading the configuration")
         }
         Command::Run => {

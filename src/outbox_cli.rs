@@ -7,20 +7,6 @@ use std::process::ExitCode;
 use edgegate::outbox::inspect;
 use edgegate::outbox::OutboxError;
 
-pub const USAGE: &str = "\
-usage: edgegate outbox stat  [--config PATH] [--data-dir DIR]
-       edgegate outbox dump  [--config PATH] [--data-dir DIR] > requests.jsonl
-       edgegate outbox purge [--config PATH] [--data-dir DIR] --yes
-
-The outbox of a stopped gateway (each refuses while one runs on the data
-directory): stat counts what waits (requests, batches, bytes, oldest and
-newest, quarantine); dump writes every record as a JSON line
-{\"seq\",\"kind\",\"key\",\"value\"}, value being the envelope as it would go
-to Kafka, for a rescue or a replay elsewhere; purge deletes it all (the
-requests in it were acknowledged to devices: they are then lost), only
-with --yes.
-";
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Stat,

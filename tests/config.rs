@@ -241,19 +241,34 @@ fn version_names_the_commit_target_and_librdkafka() {
     assert!(line.contains(", librdkafka 2."), "{line}");
 }
 
+/// The .deb ships these as the binary makes them from its one command-line
+/// definition.
+const SHIPPED: &[(&[&str], &str)] = &[
+    (&["completions", "bash"], "edgegate.bash-completion"),
+    (&["completions", "zsh"], "edgegate.zsh-completion"),
+    (&["completions", "fish"], "edgegate.fish-completion"),
+    (&["manual"], "edgegate.1"),
+];
+
 #[test]
-fn bash_completion_is_made_from_the_same_tables_and_shipped_as_made() {
+fn completions_and_the_man_page_are_shipped_as_made() {
+    for (args, file) in SHIPPED {
+        let (code, made, stderr) = run(args, &[]);
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+        let path = format!("{}/packaging/{file}", env!("CARGO_MANIFEST_DIR"));
+        let shipped = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            made == shipped,
+            "packaging/{file} differs from the binary's; regenerate: edgegate {} > packaging/{file}",
+            args.join(" ")
+        );
+    }
+}
+
+#[test]
+fn bash_completion_completes_commands_and_their_flags() {
     let (code, script, _) = run(&["completions", "bash"], &[]);
     assert_eq!(code, Some(0));
-    let shipped = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/packaging/edgegate.bash-completion"
-    ))
-    .unwrap();
-    assert_eq!(
-        script, shipped,
-        "regenerate: edgegate completions bash > packaging/edgegate.bash-completion"
-    );
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("edgegate");
     std::fs::write(&file, &script).unwrap();
@@ -262,7 +277,9 @@ fn bash_completion_is_made_from_the_same_tables_and_shipped_as_made() {
         let out = std::process::Command::new("bash")
             .arg("-c")
             .arg(format!(
-                "source {}; COMP_WORDS=({words}); COMP_CWORD={n}; _edgegate; echo \"${{COMPREPLY[*]}}\"",
+                "source {}; COMP_WORDS=({words}); COMP_CWORD={n}; \\
+                 _edgegate edgegate \"${{COMP_WORDS[$COMP_CWORD]}}\" \"${{COMP_WORDS[$COMP_CWORD-1]}}\"; \\
+                 echo \"${{COMPREPLY[*]}}\"",
                 file.display()
             ))
             .output()
@@ -272,19 +289,42 @@ fn bash_completion_is_made_from_the_same_tables_and_shipped_as_made() {
     assert_eq!(complete("edgegate out"), "outbox");
     assert_eq!(complete("edgegate outbox p"), "purge");
     assert_eq!(complete("edgegate run --da"), "--data-dir");
-    assert_eq!(complete("edgegate outbox stat --y"), "--yes");
+    assert_eq!(complete("edgegate outbox purge --y"), "--yes");
+    assert_eq!(complete("edgegate token --k"), "--key-file");
 }
 
 #[test]
-fn the_man_page_lists_every_flag_of_the_key_table() {
+fn the_man_page_lists_every_command_and_flag_of_the_help() {
     let man = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/edgegate.1"))
         .unwrap();
-    let (_, help, _) = run(&["--help"], &[]);
-    for flag in help
-        .split_whitespace()
-        .filter(|w| w.starts_with("--") && w.len() > 2)
-    {
-        let roff = flag.replace('-', "\\-");
-        assert!(man.contains(&roff), "the man page lacks {flag} ({roff})");
+    for args in [
+        &["--help"][..],
+        &["token", "--help"],
+        &["outbox", "purge", "--help"],
+        &["check-config", "--help"],
+    ] {
+        let (code, help, _) = run(args, &[]);
+        assert_eq!(code, Some(0), "{args:?}");
+        for flag in help
+            .split_whitespace()
+            .filter(|w| w.starts_with("--") && w.len() > 2)
+        {
+            let roff = flag.replace('-', "\\-");
+            assert!(man.contains(&roff), "the man page lacks {flag} ({roff})");
+        }
+    }
+    for command in [
+        "run",
+        "check\\-config",
+        "outbox purge",
+        "device",
+        "token",
+        "completions",
+    ] {
+        let heading = format!(".SS \"edgegate {command}\"");
+        assert!(man.contains(&heading), "the man page lacks {heading}");
+    }
+    for section in ["SIGNALS", "EXIT STATUS", "FILES", "ENVIRONMENT"] {
+        assert!(man.contains(&format!(".SH {section}")), "{section}");
     }
 }

@@ -87,18 +87,23 @@ fn the_outbox_of_a_stopped_gateway_is_counted_dumped_and_purged() {
 #[test]
 fn every_subcommand_has_its_own_help() {
     for (args, expected) in [
-        (vec!["--help"], "usage: edgegate [run] [OPTIONS]"),
-        (vec!["outbox", "--help"], "usage: edgegate outbox stat"),
+        (vec!["--help"], "Usage: edgegate [OPTIONS] [COMMAND]"),
+        (vec!["outbox", "--help"], "Usage: edgegate outbox <COMMAND>"),
+        (vec!["outbox", "purge", "--help"], "--yes"),
         (
             vec!["token", "--help"],
-            "usage: edgegate token DEVICE_UID --key-file PATH",
+            "Usage: edgegate token --key-file <PATH> <DEVICE_UID>",
         ),
-        (vec!["device", "--help"], "usage: edgegate device"),
+        (vec!["device", "--help"], "Usage: edgegate device [ADDR]"),
         (
             vec!["check-config", "--help"],
-            "usage: edgegate check-config",
+            "Usage: edgegate check-config [OPTIONS]",
         ),
-        (vec!["run", "--help"], "usage: edgegate [run] [OPTIONS]"),
+        (vec!["run", "--help"], "Usage: edgegate run [OPTIONS]"),
+        (
+            vec!["completions", "--help"],
+            "Usage: edgegate completions <SHELL>",
+        ),
     ] {
         let out = command().args(&args).output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);

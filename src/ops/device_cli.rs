@@ -17,9 +17,6 @@ pub enum DeviceError {
     Io(#[from] std::io::Error),
 }
 
-pub const USAGE: &str =
-    "usage: edgegate device [ADDR]   (default 127.0.0.1:3000; frames from stdin, one per line)";
-
 /// Runs until stdin ends and the gateway has answered, or it closes.
 pub fn run(address: &str) -> Result<(), DeviceError> {
     let stream = TcpStream::connect(address).map_err(|source| DeviceError::Connect {
