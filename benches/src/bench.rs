@@ -652,6 +652,11 @@ fn roundtrip(o: &Options) -> Result<(), BenchError> {
             let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
             let mut writer = stream.try_clone()?;
             let (sent_w, payload) = (sent.clone(), o.payload());
+            // Set once this connection's last request is written: until then
+            // an empty `sent` does not mean every request came back (the
+            // sender may be asleep until a send due after `sending`).
+            let done = Arc::new(AtomicBool::new(false));
+            let done_w = done.clone();
             let send = std::thread::spawn(move || -> std::io::Result<u64> {
                 let mut n = 0u64;
                 while start.elapsed() < sending {
@@ -668,6 +673,7 @@ fn roundtrip(o: &Options) -> Result<(), BenchError> {
                     writer.write_all(b"\n")?;
                     n += 1;
                 }
+                done_w.store(true, Relaxed);
                 Ok(n)
             });
             let seen = seen.clone();
@@ -685,7 +691,6 @@ fn roundtrip(o: &Options) -> Result<(), BenchError> {
                     }
                     match reader.read_line(&mut line) {
                         Ok(0) => break,
-                        Err(_) => continue,
                         Ok(_) if line.contains("\"action\":\"echo\"") => {
                             if let Some(uid) = extract(&line, "\"uid\":\"") {
                                 let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
@@ -699,12 +704,13 @@ fn roundtrip(o: &Options) -> Result<(), BenchError> {
                                         downs.push(micros(now.saturating_duration_since(w)));
                                     }
                                 }
-                                if sent.is_empty() && start.elapsed() >= sending {
-                                    break;
-                                }
                             }
                         }
                         _ => {}
+                    }
+                    let all_back = sent.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
+                    if all_back && done.load(Relaxed) {
+                        break;
                     }
                 }
                 (latencies, ups, downs)
