@@ -18,6 +18,9 @@ use crate::ops::status::{self, Lifecycle};
 const MAX_HEAD: usize = 8 << 10;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What prometheus-client writes; Prometheus asks for it by this name.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub life: Lifecycle,
@@ -118,7 +121,7 @@ async fn handle(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
         }
         ("GET" | "HEAD", "/metrics") => {
             metrics = admin.metrics.render();
-            ("200 OK", "text/plain; version=0.0.4", metrics.as_str())
+            ("200 OK", OPENMETRICS, metrics.as_str())
         }
         ("GET" | "HEAD", _) => ("404 Not Found", "text/plain", "not found\n"),
         _ => (

@@ -1,7 +1,6 @@
 //! A Prometheus histogram with fixed latency buckets, for the ack and Kafka
 //! delivery latencies: plain atomics, like the rest of the metrics.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -34,25 +33,22 @@ impl Histogram {
         self.count.fetch_add(n, Relaxed);
     }
 
-    pub(crate) fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} histogram\n");
-        let mut cumulative = 0;
-        for (i, bucket) in self.buckets.iter().enumerate() {
-            cumulative += bucket.load(Relaxed);
-            match LATENCY_BOUNDS.get(i) {
-                Some(le) => {
-                    let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
-                }
-                None => {
-                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-                }
-            }
-        }
+    /// Sum (seconds), count, and per bucket its upper bound and count (not
+    /// cumulative; the last bound is `f64::MAX`, which encoders print as
+    /// `+Inf`).
+    pub(crate) fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let buckets = self
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                (
+                    LATENCY_BOUNDS.get(i).copied().unwrap_or(f64::MAX),
+                    b.load(Relaxed),
+                )
+            })
+            .collect();
         let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
-        let _ = write!(
-            out,
-            "{name}_sum {sum:.6}\n{name}_count {}\n",
-            self.count.load(Relaxed)
-        );
+        (sum, self.count.load(Relaxed), buckets)
     }
 }
