@@ -57,10 +57,12 @@ pub enum AppError {
     Key(#[from] crate::security::auth::KeyError),
     #[error(transparent)]
     Tls(#[from] crate::security::tls::TlsError),
-    #[error("kafka.properties refused for the {client}: {source}")]
+    #[error("kafka.properties {entry} refused by librdkafka for the {client}: {reason}")]
     KafkaProperties {
         client: &'static str,
-        source: rdkafka::error::KafkaError,
+        /// `"key" = "value"`, as written in the file.
+        entry: String,
+        reason: String,
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
@@ -162,8 +164,22 @@ fn check_kafka_properties(config: &Config) -> Result<(), AppError> {
     let producer = crate::kafka::producer::client_config(&config.kafka);
     let consumer = crate::kafka::consumer::client_config(&config.kafka, "edgegate-check");
     for (client, c) in [("producer", producer), ("consumer", consumer)] {
-        if let Err(e) = c.create_native_config() {
-            return Err(AppError::KafkaProperties { client, source: e });
+        match c.create_native_config() {
+            Ok(_) => {}
+            Err(rdkafka::error::KafkaError::ClientConfig(_, reason, key, value)) => {
+                return Err(AppError::KafkaProperties {
+                    client,
+                    entry: format!("{key:?} = {value:?}"),
+                    reason,
+                })
+            }
+            Err(other) => {
+                return Err(AppError::KafkaProperties {
+                    client,
+                    entry: String::new(),
+                    reason: other.to_string(),
+                })
+            }
         }
     }
     Ok(())
