@@ -15,7 +15,7 @@ use smol::{Executor, Task, Timer};
 
 use futures_rustls::TlsAcceptor;
 
-use crate::config::{AuthMode, Config};
+use crate::config::{AuthMode, Config, OutboxCompression};
 use crate::device::rate::RateLimits;
 use crate::device::{listener, Shared};
 use crate::kafka::consumer::DownlinkConsumer;
@@ -285,10 +285,10 @@ pub fn start(checked: Checked) -> Result<Running, AppError> {
             .map_err(AppError::Threads)?;
     }
 
-    store.set_compression(if config.outbox.compress {
-        outbox::Compression::Zstd
-    } else {
-        outbox::Compression::None
+    store.set_compression(match config.outbox.compression {
+        OutboxCompression::Zstd => outbox::Compression::Zstd,
+        OutboxCompression::Lz4 => outbox::Compression::Lz4,
+        OutboxCompression::None => outbox::Compression::None,
     });
     let (appender, writer) = outbox::start_writer(
         store.clone(),

@@ -291,10 +291,10 @@ pub const KEYS: &[Key] = &[
     // any setting (and by 0.1.0, uncompressed) are read.
     Key {
         name: "outbox.compression",
-        kind: Kind::Choice(&["zstd", "none"]),
+        kind: Kind::Choice(&["zstd", "lz4", "none"]),
         default: "zstd",
         flag: None,
-        help: "how records written to the outbox are compressed: zstd or none",
+        help: "how records written to the outbox are compressed: zstd (smallest), lz4 (cheapest on CPU) or none",
     },
     // Enough for thousands of refused requests; bounded so that a device
     // sending nothing but refused requests cannot fill the disk.

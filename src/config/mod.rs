@@ -154,13 +154,23 @@ pub struct DownlinkConfig {
     pub hold_max_bytes: u64,
 }
 
+/// `outbox.compression`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutboxCompression {
+    /// Smallest on disk (zstd level 1).
+    Zstd,
+    /// Fewer instructions per byte, larger on disk.
+    Lz4,
+    None,
+}
+
 #[derive(Debug, Clone)]
 pub struct OutboxConfig {
     pub max_bytes: u64,
     pub flush_interval: Duration,
     pub spill_after: Duration,
-    /// Records on disk compressed with zstd (else stored as they are).
-    pub compress: bool,
+    /// How records on disk are compressed.
+    pub compression: OutboxCompression,
     pub quarantine_max_bytes: u64,
 }
 
@@ -348,7 +358,11 @@ fn build(layers: &Layers<'_>) -> Result<Config, ConfigError> {
         max_bytes: layers.number("outbox.max_bytes")?,
         flush_interval: Duration::from_millis(layers.number("outbox.flush_interval_ms")?),
         spill_after: Duration::from_millis(layers.number("outbox.spill_after_ms")?),
-        compress: layers.choice("outbox.compression")? == "zstd",
+        compression: match layers.choice("outbox.compression")? {
+            "zstd" => OutboxCompression::Zstd,
+            "lz4" => OutboxCompression::Lz4,
+            _ => OutboxCompression::None,
+        },
         quarantine_max_bytes: layers.number("outbox.quarantine_max_bytes")?,
     };
     let admin = AdminConfig {
