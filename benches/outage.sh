@@ -4,7 +4,8 @@
 # 50 connections), once per outbox.compression setting. Prints, per request:
 # the bytes devices sent, the bytes the gateway process wrote to disk
 # (write_bytes in /proc/PID/io: flash wear), the outbox's live bytes and
-# its size on disk; and how many such requests a GiB of outbox holds.
+# its size on disk; how many such requests a GiB of outbox holds; and the
+# gateway's CPU time per request (start-up included).
 #   benches/outage.sh [BIN] [MESSAGES]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ cleanup() { [ -z "$pid" ] || kill "$pid" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 ulimit -n "$(ulimit -Hn)"
 metric() { curl -sf "http://127.0.0.1:21781/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
-for compression in zstd none; do
+for compression in zstd lz4 none; do
   env RUST_LOG=warn EDGEGATE_OUTBOX_COMPRESSION="$compression" \
     "$bin" --brokers 127.0.0.1:1 --listen 127.0.0.1:21700 --admin-listen 127.0.0.1:21781 \
     --data-dir "$work/$compression" >"$work/$compression.log" 2>&1 &
@@ -35,9 +36,11 @@ for compression in zstd none; do
   live=$(metric edgegate_outbox_bytes)
   disk=$(metric edgegate_outbox_disk_bytes)
   records=$(metric edgegate_outbox_records)
+  cpu=$(metric process_cpu_seconds_total)
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
   echo "compression=$compression acked=$acked stored=$records msgs_per_sec=$rate" \
     "sent_per_request=$(( sent / acked )) written_per_request=$(( written / acked ))" \
     "outbox_live_per_request=$(( live / acked )) outbox_disk_per_request=$(( disk / acked ))" \
-    "requests_per_gib=$(( (1 << 30) * acked / disk ))"
+    "requests_per_gib=$(( (1 << 30) * acked / disk ))" \
+    "gateway_cpu_us_per_request=$(awk -v c="$cpu" -v n="$acked" 'BEGIN { printf "%.1f", c * 1e6 / n }')"
 done

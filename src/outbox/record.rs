@@ -5,6 +5,8 @@ use std::borrow::Cow;
 
 use uuid::Uuid;
 
+mod ids;
+
 pub(super) const MAGIC: u8 = 0xEB;
 pub(super) const VERSION: u8 = 1;
 /// magic, version, crc32, count.
@@ -16,6 +18,9 @@ pub(super) const VERSION_COMPRESSED: u8 = 2;
 pub(super) const HEADER_COMPRESSED_LEN: usize = 15;
 const CODEC_ZSTD: u8 = 1;
 const CODEC_LZ4: u8 = 2;
+/// Set in the codec byte: the entries' messageId texts were taken out
+/// before compression ([`ids`]).
+const IDS_STRIPPED: u8 = 0x10;
 /// zstd's fastest level: a 7 KiB record of JSON envelopes shrinks several
 /// times over in microseconds, off the executor.
 const ZSTD_LEVEL: i32 = 1;
@@ -37,7 +42,11 @@ pub(super) fn for_disk(record: &[u8], compression: Compression) -> Cow<'_, [u8]>
     if compression == Compression::None || record.len() <= HEADER_LEN {
         return Cow::Borrowed(record);
     }
-    let entries = &record[HEADER_LEN..];
+    let stripped = ids::strip(&record[HEADER_LEN..]);
+    let (flag, entries) = match &stripped {
+        Some(s) => (IDS_STRIPPED, &s[..]),
+        None => (0, &record[HEADER_LEN..]),
+    };
     let (codec, packed) = match compression {
         Compression::Zstd => match zstd::bulk::compress(entries, ZSTD_LEVEL) {
             Ok(packed) => (CODEC_ZSTD, packed),
@@ -53,11 +62,23 @@ pub(super) fn for_disk(record: &[u8], compression: Compression) -> Cow<'_, [u8]>
     out.extend_from_slice(&[MAGIC, VERSION_COMPRESSED, 0, 0, 0, 0]);
     out.extend_from_slice(&record[6..10]); // count
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
-    out.push(codec);
+    out.push(codec | flag);
     out.extend_from_slice(&packed);
     let crc = crc32fast::hash(&out[6..]);
     out[2..6].copy_from_slice(&crc.to_le_bytes());
     Cow::Owned(out)
+}
+
+/// The length of a record's entries with their messageId texts taken out.
+#[cfg(test)]
+pub(super) fn ids_stripped_len(record: &[u8]) -> usize {
+    ids::strip(&record[HEADER_LEN..]).map_or(0, |s| s.len())
+}
+
+/// A record's entries, their messageId texts taken out and put back.
+#[cfg(test)]
+pub(super) fn ids_stripped_and_restored(record: &[u8]) -> Option<Vec<u8>> {
+    ids::restore(&ids::strip(&record[HEADER_LEN..])?)
 }
 
 /// The request count of a stored record, either version, if its checksum
@@ -97,7 +118,7 @@ pub(super) fn from_disk(value: &[u8]) -> Result<Cow<'_, [u8]>, CorruptBatch> {
         return Err(CorruptBatch::Header);
     }
     let packed = &value[HEADER_COMPRESSED_LEN..];
-    let entries = match value[14] {
+    let entries = match value[14] & !IDS_STRIPPED {
         CODEC_ZSTD => zstd::bulk::decompress(packed, raw_len).map_err(|_| CorruptBatch::Layout)?,
         CODEC_LZ4 => {
             lz4_flex::block::decompress(packed, raw_len).map_err(|_| CorruptBatch::Layout)?
@@ -107,7 +128,11 @@ pub(super) fn from_disk(value: &[u8]) -> Result<Cow<'_, [u8]>, CorruptBatch> {
     if entries.len() != raw_len {
         return Err(CorruptBatch::Layout);
     }
-    let mut record = Vec::with_capacity(HEADER_LEN + raw_len);
+    let entries = match value[14] & IDS_STRIPPED {
+        0 => entries,
+        _ => ids::restore(&entries).ok_or(CorruptBatch::Layout)?,
+    };
+    let mut record = Vec::with_capacity(HEADER_LEN + entries.len());
     record.extend_from_slice(&[MAGIC, VERSION, 0, 0, 0, 0]);
     record.extend_from_slice(&value[6..10]);
     record.extend_from_slice(&entries);
