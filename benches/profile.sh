@@ -55,6 +55,10 @@ gateway_ir() { # MESSAGES -> total instructions of a gateway that took them
     [ "$(curl -s http://127.0.0.1:21480/metrics | awk '$1=="edgegate_outbox_records"{print $2}')" = "0" ] && break
     sleep 0.1
   done
+  # How each request became durable: under callgrind the gateway runs
+  # several times slower, and a request Kafka has not confirmed within
+  # outbox.spill_after_ms takes the disk path too (written, read back).
+  curl -s http://127.0.0.1:21480/metrics | awk '$1 ~ /^edgegate_outbox_(spilled|confirmed_in_memory)_total$/ {printf "%s=%s ", $1, $2}' >"$work/paths-$n"
   kill -TERM $pid; wait $pid || true
   total_ir "$cg"
 }
@@ -74,7 +78,11 @@ per_raw=$(( (r2 - r1) / (n2 - n1) ))
 {
   echo "mode=profile n1=$n1 n2=$n2 gateway_ir_n1=$g1 gateway_ir_n2=$g2 raw_ir_n1=$r1 raw_ir_n2=$r2 gateway_instructions_per_message=$per_gw raw_instructions_per_message=$per_raw"
   grep -h "verified" "$work/uplink-$n2" | sed 's/^/# uplink under callgrind: /'
+  echo "# durable by, $n2 messages: $(cat "$work/paths-$n2")"
   echo "# top functions of the gateway by own instructions, $n2 messages (callgrind_annotate):"
   callgrind_annotate --threshold=90 "$work/gw-$n2.cg" 2>/dev/null | sed -n '/file:function/,$p' \
     | sed -n '1,22s/^/# /p'
 } | tee "$out"
+# KEEP=dir: keep the gateway's callgrind output for callgrind_annotate
+# --inclusive=yes --tree=caller (who calls what).
+[ -z "${KEEP:-}" ] || cp "$work/gw-$n2.cg" "$KEEP/"

@@ -2,6 +2,7 @@
 //! (`AppendBatch`), and a stored record read back and verified (`Batch`).
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 
 use uuid::Uuid;
 
@@ -48,7 +49,7 @@ pub(super) fn for_disk(record: &[u8], compression: Compression) -> Cow<'_, [u8]>
         None => (0, &record[HEADER_LEN..]),
     };
     let (codec, packed) = match compression {
-        Compression::Zstd => match zstd::bulk::compress(entries, ZSTD_LEVEL) {
+        Compression::Zstd => match zstd_compress(entries) {
             Ok(packed) => (CODEC_ZSTD, packed),
             Err(_) => return Cow::Borrowed(record),
         },
@@ -79,6 +80,34 @@ pub(super) fn ids_stripped_len(record: &[u8]) -> usize {
 #[cfg(test)]
 pub(super) fn ids_stripped_and_restored(record: &[u8]) -> Option<Vec<u8>> {
     ids::restore(&ids::strip(&record[HEADER_LEN..])?)
+}
+
+thread_local! {
+    // One zstd context per thread, kept: a new context clears its tables
+    // first, which cost more than compressing a 7 KiB record (under
+    // callgrind, 82,000 of a record's 147,000 instructions).
+    static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+fn zstd_compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with_borrow_mut(|kept| {
+        let compressor = match kept {
+            Some(c) => c,
+            None => kept.insert(zstd::bulk::Compressor::new(ZSTD_LEVEL)?),
+        };
+        compressor.compress(data)
+    })
+}
+
+fn zstd_decompress(data: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with_borrow_mut(|kept| {
+        let decompressor = match kept {
+            Some(d) => d,
+            None => kept.insert(zstd::bulk::Decompressor::new()?),
+        };
+        decompressor.decompress(data, raw_len)
+    })
 }
 
 /// The request count of a stored record, either version, if its checksum
@@ -119,7 +148,7 @@ pub(super) fn from_disk(value: &[u8]) -> Result<Cow<'_, [u8]>, CorruptBatch> {
     }
     let packed = &value[HEADER_COMPRESSED_LEN..];
     let entries = match value[14] & !IDS_STRIPPED {
-        CODEC_ZSTD => zstd::bulk::decompress(packed, raw_len).map_err(|_| CorruptBatch::Layout)?,
+        CODEC_ZSTD => zstd_decompress(packed, raw_len).map_err(|_| CorruptBatch::Layout)?,
         CODEC_LZ4 => {
             lz4_flex::block::decompress(packed, raw_len).map_err(|_| CorruptBatch::Layout)?
         }
