@@ -16,7 +16,7 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
 # The release profile with symbols, in a target directory of its own; or
 # BIN=path (another build, e.g. before a change: totals need no symbols) and
-# OUT=path for its figures;
+# OUT=path for its figures; CONFIG=file: a configuration file for the gateway;
 # BENCH=path: an edgegate-bench already built (then, with BIN, nothing is).
 bin="${BIN:-$PWD/target/profiling/release/edgegate}"
 bench="${BENCH:-$PWD/target/profiling/release/edgegate-bench}"
@@ -42,7 +42,7 @@ total_ir() { callgrind_annotate "$1" 2>/dev/null | awk '/PROGRAM TOTALS/ && !don
 
 gateway_ir() { # MESSAGES -> total instructions of a gateway that took them
   local n=$1 cg="$work/gw-$1.cg"
-  valgrind --tool=callgrind --callgrind-out-file="$cg" "$bin" --brokers "$broker" \
+  valgrind --tool=callgrind --callgrind-out-file="$cg" "$bin" ${CONFIG:+--config "$CONFIG"} --brokers "$broker" \
     --listen 127.0.0.1:21400 --admin-listen 127.0.0.1:21480 --data-dir "$work/data-$n" \
     >/dev/null 2>"$work/gw-$n.log" &
   local pid=$!
@@ -85,4 +85,4 @@ per_raw=$(( (r2 - r1) / (n2 - n1) ))
 } | tee "$out"
 # KEEP=dir: keep the gateway's callgrind output for callgrind_annotate
 # --inclusive=yes --tree=caller (who calls what).
-[ -z "${KEEP:-}" ] || cp "$work/gw-$n2.cg" "$KEEP/"
+[ -z "${KEEP:-}" ] || cp "$work/gw-$n2.cg" "$work/gw-$n2.log" "$KEEP/"
