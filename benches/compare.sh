@@ -27,22 +27,11 @@ if [ -z "$bench" ]; then
   cargo build --release --locked -p edgegate-bench >&2
   bench="$PWD/target/release/edgegate-bench"
 fi
-work=$(mktemp -d "${DATA_ROOT:-${TMPDIR:-/tmp}}/compare.XXXXXX")
-cleanup() { xargs -r kill 2>/dev/null <"$work/pids" || true; rm -rf "$work"; }
-touch "$work/pids"
-trap cleanup EXIT
-ulimit -n "$(ulimit -Hn)"
-
+source benches/lib.sh
+bench_init compare
 broker=127.0.0.1:21592
-(cd "$work" && exec tansu broker --listener-url "tcp://$broker" --advertised-listener-url "tcp://$broker" \
-  --storage-engine memory://tansu/ >tansu.log 2>&1) &
-echo $! >>"$work/pids"
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/${broker%:*}/${broker#*:}") 2>/dev/null && break; sleep 0.1; done
-for t in cmp_raw cmp_a cmp_b cmp_down; do
-  tansu topic create "$t" --broker "tcp://$broker" --partitions 3 >/dev/null
-done
-
-wait_http() { for _ in $(seq 400); do curl -sf "http://$1/$2" >/dev/null && return 0; sleep 0.025; done; return 1; }
+start_broker "$broker"
+create_topics "$broker" cmp_raw cmp_a cmp_b cmp_down
 gateway() { # BIN NAME LISTEN ADMIN TOPIC [CONFIG]
   env EDGEGATE_KAFKA_PRODUCER_TOPIC="$5" EDGEGATE_KAFKA_CONSUMER_TOPICS=cmp_down RUST_LOG=warn \
     "$1" --brokers "$broker" --listen "$3" --admin-listen "$4" --data-dir "$work/$2" \

@@ -25,18 +25,11 @@ if [ -z "${BIN:-}" ] || [ -z "${BENCH:-}" ]; then
   CARGO_TARGET_DIR=target/profiling CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
     cargo build --release --locked --workspace >&2
 fi
-work=$(mktemp -d)
-cleanup() { xargs -r kill 2>/dev/null <"$work/pids" || true; rm -rf "$work"; }
-touch "$work/pids"
-trap cleanup EXIT
-
+source benches/lib.sh
+bench_init profile
 broker=127.0.0.1:21192
-(cd "$work" && exec tansu broker --listener-url "tcp://$broker" --advertised-listener-url "tcp://$broker" \
-  --storage-engine memory://tansu/ >tansu.log 2>&1) &
-echo $! >>"$work/pids"
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/${broker%:*}/${broker#*:}") 2>/dev/null && break; sleep 0.1; done
-tansu topic create prof_up --broker "tcp://$broker" --partitions 3 >/dev/null
-tansu topic create prof_raw --broker "tcp://$broker" --partitions 3 >/dev/null
+start_broker "$broker"
+create_topics "$broker" prof_up prof_raw
 
 total_ir() { callgrind_annotate "$1" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done { gsub(",", "", $1); print $1; done = 1 }'; }
 

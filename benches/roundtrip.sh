@@ -17,19 +17,10 @@ if [ -z "$bench" ]; then
   cargo build --release --locked -p edgegate-bench >&2
   bench="$PWD/target/release/edgegate-bench"
 fi
-work=$(mktemp -d "${TMPDIR:-/tmp}/roundtrip.XXXXXX")
-cleanup() { xargs -r kill 2>/dev/null <"$work/pids" || true; rm -rf "$work"; }
-touch "$work/pids"
-trap cleanup EXIT
-ulimit -n "$(ulimit -Hn)"
-
+source benches/lib.sh
+bench_init roundtrip
 broker=127.0.0.1:21692
-(cd "$work" && exec tansu broker --listener-url "tcp://$broker" --advertised-listener-url "tcp://$broker" \
-  --storage-engine memory://tansu/ >tansu.log 2>&1) &
-echo $! >>"$work/pids"
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/${broker%:*}/${broker#*:}") 2>/dev/null && break; sleep 0.1; done
-
-wait_http() { for _ in $(seq 400); do curl -sf "http://$1/$2" >/dev/null && return 0; sleep 0.025; done; return 1; }
+start_broker "$broker"
 run() { # LABEL BIN N
   local label=$1 bin=$2 n=$3 up="rt_up_$1_$3" down="rt_down_$1_$3"
   for t in "$up" "$down"; do

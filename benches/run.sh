@@ -27,27 +27,17 @@ cargo build --release --locked --workspace >&2
 bin="$PWD/target/release/edgegate"
 bench="$PWD/target/release/edgegate-bench"
 results="$PWD/benches/results.txt"
-work=$(mktemp -d)
-# Every process started here, for the cleanup (gateways are started in
-# command substitutions, so an array would not see them).
-cleanup() { xargs -r kill 2>/dev/null <"$work/pids" || true; rm -rf "$work"; }
-touch "$work/pids"
-trap cleanup EXIT
-ulimit -n "$(ulimit -Hn)"
+# Every process started here goes to $work/pids, for the cleanup (gateways
+# are started in command substitutions, so an array would not see them).
+source benches/lib.sh
+bench_init run
 : >"$results"
 record() { echo "$*" | tee -a "$results"; }
 
 broker=127.0.0.1:21092
-(cd "$work" && exec tansu broker --listener-url "tcp://$broker" --advertised-listener-url "tcp://$broker" \
-  --storage-engine memory://tansu/ >tansu.log 2>&1) &
-tansu_pid=$!
-echo $tansu_pid >>"$work/pids"
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/${broker%:*}/${broker#*:}") 2>/dev/null && break; sleep 0.1; done
-for t in bench_raw bench_up bench_down bench_replay rt_up rt_down hop; do
-  tansu topic create "$t" --broker "tcp://$broker" --partitions 3 >/dev/null
-done
-
-wait_http() { for _ in $(seq 400); do curl -sf "http://$1/$2" >/dev/null && return 0; sleep 0.025; done; return 1; }
+start_broker "$broker"
+tansu_pid=$broker_pid
+create_topics "$broker" bench_raw bench_up bench_down bench_replay rt_up rt_down hop
 gateway() { # NAME LISTEN ADMIN BROKERS [extra env...]
   local name=$1 listen=$2 admin=$3 brokers=$4; shift 4
   env EDGEGATE_KAFKA_PRODUCER_TOPIC=bench_up EDGEGATE_KAFKA_CONSUMER_TOPICS=bench_down RUST_LOG=warn "$@" \
