@@ -26,6 +26,33 @@ fn ack_p99(d: &mut Device, n: usize) -> Duration {
     times[n * 99 / 100]
 }
 
+/// The 99th percentile over several devices sending at once, `n` requests
+/// each: with 400 samples it is a percentile, not the slowest single ack,
+/// and they all fall within an attack's window.
+fn acks_p99_together(devices: Vec<Device>, n: usize) -> Duration {
+    let threads: Vec<_> = devices
+        .into_iter()
+        .enumerate()
+        .map(|(k, mut d)| {
+            std::thread::spawn(move || -> Vec<Duration> {
+                (0..n)
+                    .map(|i| {
+                        let start = Instant::now();
+                        ack_id(&d.request("t", &format!("good-{k}-{i}"), None, json!({"i": i})));
+                        start.elapsed()
+                    })
+                    .collect()
+            })
+        })
+        .collect();
+    let mut times: Vec<Duration> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    times.sort();
+    times[times.len() * 99 / 100]
+}
+
 fn raise_open_files() {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let l = getrlimit(Resource::Nofile);
@@ -533,7 +560,10 @@ fn a_damping_table_filled_by_a_flood_of_addresses_still_damps_the_next() {
         })
         .collect();
     std::thread::sleep(Duration::from_secs(1));
-    let worst = ack_p99(&mut good, 100);
+    let goods = (0..4)
+        .map(|k| t.authenticated(&format!("dev-good-{k}")))
+        .collect();
+    let worst = acks_p99_together(goods, 100);
     for f in flood {
         f.join().unwrap();
     }
