@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod build;
 pub mod device_cli;
+pub mod exposition;
 pub mod histogram;
 pub mod logging;
 pub mod metrics;
