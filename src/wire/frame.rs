@@ -57,7 +57,7 @@ impl LineDecoder {
         mut emit: impl FnMut(Frame<'_>) -> ControlFlow<()>,
     ) -> usize {
         let mut rest = chunk;
-        while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
+        while let Some(pos) = memchr::memchr(b'\n', rest) {
             let head = &rest[..pos];
             rest = &rest[pos + 1..];
             let flow = if self.discarding {

@@ -68,7 +68,7 @@ fn hex4(line: &[u8], at: usize) -> Option<u16> {
 fn check_string(line: &[u8], start: usize) -> Result<usize, ShapeError> {
     let mut i = start;
     loop {
-        let Some(off) = line[i..].iter().position(|&b| b == b'"' || b == b'\\') else {
+        let Some(off) = memchr::memchr2(b'"', b'\\', &line[i..]) else {
             return Ok(line.len());
         };
         i += off;
