@@ -320,7 +320,7 @@ impl Connection {
     /// their replies reach `listener.max_pending_reply_bytes`; returns them
     /// and how many bytes it used.
     fn decode(&mut self, bytes: &[u8]) -> (Work, usize) {
-        let mut work = Work::default();
+        let mut work = Work::with_room_for(bytes.len());
         let Connection {
             shared,
             client_id,

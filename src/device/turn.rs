@@ -15,6 +15,9 @@ use crate::wire::protocol::{self, ErrorCode, Reason};
 /// An ack without its uid: `{"action":"ack","uid":,"messageId":"<36>","status":"accepted"}\n`.
 const ACK_BYTES: usize = 96;
 
+/// Input bytes a turn's buffers are sized for at most, before it starts.
+const INPUT_ESTIMATE_CAP: usize = 32 << 10;
+
 /// Why a connection ended.
 #[derive(Debug)]
 pub(super) enum Closed {
@@ -60,6 +63,20 @@ pub(super) struct Work {
 }
 
 impl Work {
+    /// Room for the requests of `input` bytes of frames, so a turn's
+    /// buffers are allocated once rather than grown by doubling (each
+    /// growth copied everything so far: 650 instructions a request).
+    /// An envelope is about twice its request plus 250 bytes; the estimate
+    /// is capped, so a read of pings or errors wastes little.
+    pub(super) fn with_room_for(input: usize) -> Self {
+        let input = input.min(INPUT_ESTIMATE_CAP);
+        let mut work = Work::default();
+        work.batch.reserve(input * 5 / 2);
+        work.text.reserve(input / 4);
+        work.replies.reserve(input / 128);
+        work
+    }
+
     /// Every reply in order, the accepted requests' acks or errors
     /// according to how their append went.
     pub(super) fn replies_text(&self, outcome: &Result<(), AppendError>) -> Vec<u8> {
