@@ -60,6 +60,15 @@ pub fn write_pong(out: &mut Vec<u8>, uid_json: &str) {
 }
 
 pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    // Most strings written per request (serverId, the reply topic) need no
+    // escape: copied as they are, the same bytes serde_json would write.
+    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     // Writing a &str into a Vec cannot fail.
     serde_json::to_writer(&mut *out, s).expect("serialising a string into memory");
 }

@@ -48,6 +48,18 @@ proptest::proptest! {
     }
 }
 
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { failure_persistence: None, ..Default::default() })]
+    /// The copy-as-is path writes exactly what serde_json would.
+    #[test]
+    fn json_strings_are_written_as_serde_json_writes_them(s in "(\\PC|[\\x00-\\x1f\"\\\\\\x7f])*") {
+        let mut ours = b"x".to_vec();
+        reply::write_json_str(&mut ours, &s);
+        let theirs = [b"x".to_vec(), serde_json::to_vec(&s).unwrap()].concat();
+        proptest::prop_assert_eq!(ours, theirs);
+    }
+}
+
 #[test]
 fn auth_frames_give_their_claim() {
     let r =
