@@ -48,7 +48,7 @@ impl StoredBatch {
     }
 
     pub fn batch(&self) -> Batch<'_> {
-        Batch::parse(&self.value).expect("verified when it was read")
+        Batch::verified(&self.value)
     }
 }
 
@@ -68,7 +68,7 @@ impl Outgoing {
 
     pub fn batch(&self) -> Batch<'_> {
         match self {
-            Outgoing::Memory(_, value) => Batch::parse(value).expect("sealed by the writer"),
+            Outgoing::Memory(_, value) => Batch::verified(value),
             Outgoing::Disk(b) => b.batch(),
         }
     }

@@ -272,8 +272,9 @@ pub(super) fn pack(store: &Store, group: Vec<Job>, reserved: u64) -> (Vec<Vec<u8
     (records, accepted)
 }
 
+/// The request count of a record [`pack`] sealed.
 fn count_of(record: &[u8]) -> u32 {
-    Batch::parse(record).map_or(0, |b| b.count)
+    Batch::verified(record).count
 }
 
 impl Writer {
