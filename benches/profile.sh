@@ -35,7 +35,13 @@ total_ir() { callgrind_annotate "$1" 2>/dev/null | awk '/PROGRAM TOTALS/ && !don
 
 gateway_ir() { # MESSAGES -> total instructions of a gateway that took them
   local n=$1 cg="$work/gw-$1.cg"
-  valgrind --tool=callgrind --callgrind-out-file="$cg" "$bin" ${CONFIG:+--config "$CONFIG"} --brokers "$broker" \
+  # Not counted: sled's thread pool spinning on its lazy queue while the
+  # thread that starts it spawns the rest. Natively that is a brief wait
+  # once per process; under valgrind, which runs one thread at a time, the
+  # spinners used whole time slices (975 M instructions in one run, none in
+  # the next), which hid every per-message figure. Needs symbols (the
+  # default build here); a stripped BIN counts the spin too.
+  valgrind --tool=callgrind --toggle-collect='*sled::lazy::Lazy*deref*' --collect-atstart=yes --callgrind-out-file="$cg" "$bin" ${CONFIG:+--config "$CONFIG"} --brokers "$broker" \
     --listen 127.0.0.1:21400 --admin-listen 127.0.0.1:21480 --data-dir "$work/data-$n" \
     >/dev/null 2>"$work/gw-$n.log" &
   local pid=$!
