@@ -642,6 +642,7 @@ fn roundtrip(o: &Options) -> Result<(), BenchError> {
     };
 
     let per_conn = o.rate as f64 / o.connections as f64;
+    let connections = o.connections;
     let sending = Duration::from_secs(o.seconds);
     let start = Instant::now();
     let threads: Vec<_> = (0..o.connections)
@@ -659,8 +660,13 @@ fn roundtrip(o: &Options) -> Result<(), BenchError> {
             let done_w = done.clone();
             let send = std::thread::spawn(move || -> std::io::Result<u64> {
                 let mut n = 0u64;
+                // Each connection's sends are offset by its share of the
+                // interval: devices are not in step, and 50 sending at the
+                // same instant made every rate look like bursts of 50 (one
+                // Kafka batch each, whatever linger.ms was).
+                let phase = c as f64 / connections as f64;
                 while start.elapsed() < sending {
-                    let due = start + Duration::from_secs_f64(n as f64 / per_conn);
+                    let due = start + Duration::from_secs_f64((n as f64 + phase) / per_conn);
                     if let Some(wait) = due.checked_duration_since(Instant::now()) {
                         std::thread::sleep(wait);
                     }
