@@ -1,7 +1,7 @@
 # Sourced by the bench scripts (bash, set -euo pipefail): a work directory
 # whose processes are killed and which is removed on exit, a tansu broker
 # (memory storage) and topics in it, and a wait for a gateway's endpoint.
-#   bench_init NAME    -> $work, the trap; PATH with cargo's bin
+#   bench_init NAME    -> $work, the trap (bench_stop); PATH with cargo's bin
 #   start_broker ADDR  -> $broker_pid (also in $work/pids)
 #   create_topics ADDR TOPIC...   (3 partitions each)
 #   wait_http HOST:PORT PATH
@@ -10,8 +10,20 @@ bench_init() {
   export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
   work=$(mktemp -d "${DATA_ROOT:-${TMPDIR:-/tmp}}/$1.XXXXXX")
   touch "$work/pids"
-  trap 'xargs -r kill 2>/dev/null <"$work/pids" || true; rm -rf "$work"' EXIT
+  trap 'bench_stop; rm -rf "$work"' EXIT
   ulimit -n "$(ulimit -Hn)"
+}
+
+# Kills what the run started and waits (up to 10 s) until it is gone, so
+# the next script's broker and gateways find their ports free: a run right
+# after another once found the old broker still listening and failed.
+bench_stop() {
+  local pid
+  xargs -r kill 2>/dev/null <"$work/pids" || true
+  for pid in $(cat "$work/pids"); do
+    wait "$pid" 2>/dev/null || true # reaps it if it is this shell's child
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  done
 }
 
 start_broker() {
