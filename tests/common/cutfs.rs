@@ -702,7 +702,18 @@ impl CutFs {
     /// from what was synced.
     pub fn cut(&mut self) {
         if let Some(session) = self.session.take() {
-            session.umount_and_join().expect("unmounting cutfs");
+            match session.umount_and_join() {
+                Ok(()) => {}
+                // The unmount went through (fuser unmounts before it joins
+                // its thread), but the kernel ended that thread's read with
+                // ECONNABORTED instead of ENODEV: seen once, on Linux 6.18,
+                // in a CI rehearsal. The mount is down either way, which is
+                // all a cut needs; the checks after it are unchanged.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {
+                    eprintln!("cutfs: the kernel reported the unmounted connection aborted: {e}");
+                }
+                Err(e) => panic!("unmounting cutfs: {e}"),
+            }
         }
         self.fs.state().cut();
         self.attach().expect("mounting cutfs again");
