@@ -130,6 +130,12 @@ impl Metrics {
         )?;
         counter(
             e,
+            "edgegate_outbox_outages_total",
+            "Times Kafka left a record unconfirmed for outbox.spill_after_ms and the writer began writing every request at once, in larger group commits, until Kafka confirmed again.",
+            get(&self.outbox_outages),
+        )?;
+        counter(
+            e,
             "edgegate_outbox_write_errors_total",
             "Outbox writes or flushes that failed.",
             get(&self.outbox_write_errors),

@@ -52,6 +52,7 @@ pub struct Metrics {
     /// 1 while appends are refused for lack of room.
     pub outbox_full: AtomicI64,
     pub outbox_memory_full: AtomicU64,
+    pub outbox_outages: AtomicU64,
     pub outbox_confirmed_in_memory: AtomicU64,
 
     pub kafka_delivered: AtomicU64,

@@ -15,7 +15,7 @@ use smol::channel::{self, Receiver};
 use uuid::Uuid;
 
 use super::reader::{Reader, Sent};
-use super::writer::{pack, Job, Writer};
+use super::writer::{pack, Job, Writer, RECORD_BYTES};
 use super::*;
 use crate::ops::metrics::Metrics;
 
@@ -188,7 +188,12 @@ proptest! {
                         });
                     }
                     let (done, answer) = channel::unbounded();
-                    let (records, accepted) = pack(&g.store, vec![Job { batch, done }], g.store.hot.bytes() as u64);
+                    let (records, accepted) = pack(
+                        &g.store,
+                        vec![Job { batch, done }],
+                        g.store.hot.bytes() as u64,
+                        RECORD_BYTES,
+                    );
                     prop_assert!(!records.is_empty(), "far below the cap");
                     g.writer.stage(records, accepted);
                     m.waiting.push((ids, answer));

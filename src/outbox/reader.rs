@@ -236,6 +236,7 @@ impl Reader {
                 }
             }
         }
+        self.store.confirmations.fetch_add(1, Relaxed);
         true
     }
 

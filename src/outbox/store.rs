@@ -53,6 +53,9 @@ pub struct Store {
     pub(super) removal_limit: AtomicU64,
     /// Records not on disk yet (memory-first mode).
     pub hot: Hot,
+    /// Records Kafka has confirmed since start, whichever way they came:
+    /// the writer leaves its outage mode once this moves.
+    pub(super) confirmations: AtomicU64,
     /// How records are written (`outbox.compression`); both are read.
     compression: Mutex<Compression>,
     /// When each flush to disk was written (its first seq, Unix ms), oldest
@@ -112,6 +115,7 @@ impl Store {
             doorbell,
             removed: Mutex::new((None, 0)),
             removal_limit: AtomicU64::new(0),
+            confirmations: AtomicU64::new(0),
             hot: Hot::default(),
             compression: Mutex::new(Compression::Zstd),
             written_at: Mutex::new(VecDeque::new()),

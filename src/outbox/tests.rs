@@ -424,3 +424,75 @@ fn an_unfinished_sled_snapshot_does_not_cost_the_store() {
     assert_eq!(metrics.outbox_store_recoveries.load(Relaxed), 0);
     assert!(!generation.join("snap.FFFFFFFFFFFFFFFF.generating").exists());
 }
+
+/// Appends every `gap`, each awaited on its own task, as devices at a hub's
+/// rate would; returns once all are answered.
+async fn trickle(appender: &Appender, ids: std::ops::Range<u128>, gap: Duration) {
+    let mut tasks = Vec::new();
+    for id in ids {
+        let appender = appender.clone();
+        tasks.push(smol::spawn(async move {
+            appender.append(batch(&[id])).await.unwrap()
+        }));
+        smol::Timer::after(gap).await;
+    }
+    for t in tasks {
+        t.await;
+    }
+}
+
+#[test]
+fn kafka_silent_past_the_spill_delay_makes_few_large_group_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _, metrics) = open(dir.path(), 1 << 30);
+    let spill_after = Duration::from_millis(40);
+    let (appender, writer) = start_writer(store.clone(), Duration::from_millis(1), spill_after);
+    let task = smol::spawn(writer);
+    // Nothing confirms: the first record is spilled when due, then the
+    // writer gathers for up to `spill_after` and writes at once.
+    smol::block_on(trickle(&appender, 0..60, Duration::from_millis(2)));
+    assert_eq!(metrics.outbox_outages.load(Relaxed), 1);
+    let flushes = metrics.outbox_flushes.load(Relaxed);
+    // One by one they would take one flush each, or nearly.
+    assert!(flushes <= 12, "{flushes} flushes for 60 appends");
+    // A confirmation ends the outage mode: the next unconfirmed record is
+    // spilled when due again, which starts a second one.
+    store.confirmations.fetch_add(1, Relaxed);
+    smol::block_on(trickle(&appender, 60..61, Duration::ZERO));
+    assert_eq!(metrics.outbox_outages.load(Relaxed), 2);
+    drop(appender);
+    smol::block_on(task);
+    assert_eq!(drain(&store), (0..61).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_request_behind_the_first_spilled_one_is_answered_without_more_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _, metrics) = open(dir.path(), 1 << 30);
+    let (appender, writer) = start_writer(store.clone(), Duration::ZERO, Duration::from_millis(40));
+    let task = smol::spawn(writer);
+    // Nothing confirms and nothing else arrives: the second request is not
+    // due when the first is spilled, and must not wait for another append.
+    let answered = smol::block_on(async {
+        let first = smol::spawn({
+            let appender = appender.clone();
+            async move { appender.append(batch(&[1])).await }
+        });
+        smol::Timer::after(Duration::from_millis(10)).await;
+        let second = smol::spawn({
+            let appender = appender.clone();
+            async move { appender.append(batch(&[2])).await }
+        });
+        smol::future::or(async { Some((first.await, second.await)) }, async {
+            smol::Timer::after(Duration::from_secs(5)).await;
+            None
+        })
+        .await
+    });
+    let (first, second) = answered.expect("both answered within 5 s");
+    assert!(first.is_ok() && second.is_ok());
+    assert_eq!(metrics.outbox_outages.load(Relaxed), 1);
+    drop(appender);
+    smol::block_on(task);
+    assert_eq!(drain(&store), vec![1, 2]);
+}
