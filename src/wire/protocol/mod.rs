@@ -147,8 +147,8 @@ pub fn parse_frame(line: &[u8], max_depth: usize) -> Result<Inbound<'_>, Rejecti
     if line == b"Ping" {
         return Ok(Inbound::TextPing);
     }
-    match shape::check_shape(line, max_depth) {
-        Ok(()) => {}
+    let text = match shape::check_shape(line, max_depth) {
+        Ok(text) => text,
         Err(ShapeError::NotUtf8) => {
             return Err(Rejection::new(
                 None,
@@ -174,7 +174,7 @@ pub fn parse_frame(line: &[u8], max_depth: usize) -> Result<Inbound<'_>, Rejecti
                 format!("arrays and objects nest deeper than {max_depth} levels"),
             ));
         }
-    }
+    };
     let bad_json = |e: serde_json::Error| {
         Rejection::new(
             None,
@@ -185,14 +185,14 @@ pub fn parse_frame(line: &[u8], max_depth: usize) -> Result<Inbound<'_>, Rejecti
     if line.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         // serde would read an array into the struct field by field; check
         // the syntax alone, then refuse anything but an object.
-        serde_json::from_slice::<serde::de::IgnoredAny>(line).map_err(bad_json)?;
+        serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(bad_json)?;
         return Err(Rejection::new(
             None,
             ErrorCode::BadRequest,
             "the frame must be a JSON object",
         ));
     }
-    let raw: RawRequest<'_> = serde_json::from_slice(line).map_err(|e| {
+    let raw: RawRequest<'_> = serde_json::from_str(text).map_err(|e| {
         if e.classify() == serde_json::error::Category::Data {
             Rejection::new(
                 None,
