@@ -216,6 +216,15 @@ pub const KEYS: &[Key] = &[
         flag: None,
         help: "topic for connected/disconnected events, keyed by deviceUid; empty: off",
     },
+    // Kafka answers a waiting fetch when data arrives; some brokers (tansu)
+    // only when the wait is over. Each empty answer crosses the WAN.
+    Key {
+        name: "kafka.fetch_wait_ms",
+        kind: number(1, 300_000),
+        default: "500",
+        flag: None,
+        help: "longest the broker holds a fetch for downlink data; brokers that do not answer when data arrives (tansu) delay replies this long",
+    },
     // Below systemd's 90 s stop timeout; the rest is sent after the next start.
     Key {
         name: "kafka.drain_timeout_secs",

@@ -135,6 +135,8 @@ pub struct KafkaConfig {
     /// `None`: `edgegate-<serverId>`.
     pub consumer_group_id: Option<String>,
     pub drain_timeout: Duration,
+    /// librdkafka's `fetch.wait.max.ms` for the downlink consumer.
+    pub fetch_wait: Duration,
     /// Passed to librdkafka as is, after edgegate's own settings.
     pub properties: BTreeMap<String, String>,
 }
@@ -343,6 +345,7 @@ fn build(layers: &Layers<'_>) -> Result<Config, ConfigError> {
         presence_topic: (!presence_topic.is_empty()).then_some(presence_topic),
         consumer_group_id: (!group.is_empty()).then_some(group),
         drain_timeout: Duration::from_secs(layers.number("kafka.drain_timeout_secs")?),
+        fetch_wait: Duration::from_millis(layers.number("kafka.fetch_wait_ms")?),
         properties: layers.properties.clone(),
     };
     let downlink = DownlinkConfig {

@@ -517,6 +517,9 @@ impl Gateway {
             .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
             // Quick group joins on tansu (it takes about half the session timeout).
             .env("EDGEGATE_KAFKA_DRAIN_TIMEOUT_SECS", "5")
+            // tansu answers a fetch only when its wait is over, not when a
+            // reply arrives: at the default 500 ms every reply would wait.
+            .env("EDGEGATE_KAFKA_FETCH_WAIT_MS", "10")
             // The suites run in both outbox modes: CI sets 0 for a second pass.
             .env(
                 "EDGEGATE_OUTBOX_SPILL_AFTER_MS",
