@@ -26,7 +26,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{
-    BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
+    BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig,
 };
 use rdkafka::statistics::Statistics;
 use rdkafka::ClientContext;
@@ -54,8 +54,12 @@ const RECREATE_AFTER_FAILURES: u32 = 3;
 const REMOVAL_FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot create the Kafka producer: {0}")]
-pub struct ProducerError(#[from] KafkaError);
+pub enum ProducerError {
+    #[error("cannot create the Kafka producer: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("cannot start the Kafka producer's thread: {0}")]
+    Thread(std::io::Error),
+}
 
 type Report = (usize, Result<(), KafkaError>);
 
@@ -121,6 +125,12 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         .set("acks", "all")
         .set("message.timeout.ms", "0")
         .set("linger.ms", "5")
+        // A partition's batch leaves once it holds this many, before the
+        // linger ends: under load devices waiting for acks no longer wait
+        // out the linger too (50 connections of 64 in flight: 45 → 58 % of
+        // raw), while at a hub's rates a batch still gathers what 5 ms
+        // brings. 64 made too many requests for librdkafka's five in flight.
+        .set("batch.num.messages", "256")
         // Hubs often reach Kafka over metered links: zstd shrinks batches of
         // JSON envelopes several times over for little CPU. Level 1, not
         // zstd's default 3: librdkafka makes a new zstd context per
@@ -164,7 +174,7 @@ pub struct Pipeline {
     metrics: Arc<Metrics>,
     reports_tx: Sender<Report>,
     reports: Receiver<Report>,
-    producer: ThreadedProducer<Context>,
+    producer: Polled,
     in_flight: VecDeque<InFlight>,
     in_flight_msgs: usize,
     next_local: usize,
@@ -512,16 +522,20 @@ impl Pipeline {
 }
 
 mod careful;
+mod polled;
+
+use polled::Polled;
 
 fn create(
     config: &ClientConfig,
     reports: Sender<Report>,
     metrics: Arc<Metrics>,
-) -> Result<ThreadedProducer<Context>, ProducerError> {
-    Ok(config.create_with_context(Context {
+) -> Result<Polled, ProducerError> {
+    let producer: BaseProducer<Context> = config.create_with_context(Context {
         reports,
         metrics,
         errors: ErrorLog::default(),
         tx_bytes: Default::default(),
-    })?)
+    })?;
+    Polled::start(producer).map_err(ProducerError::Thread)
 }
