@@ -5,6 +5,7 @@
 #   start_broker ADDR  -> $broker_pid (also in $work/pids)
 #   create_topics ADDR TOPIC...   (3 partitions each)
 #   wait_http HOST:PORT PATH
+#   cpu_secs PID      -> user + system CPU seconds of a process so far
 
 bench_init() {
   export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
@@ -47,3 +48,6 @@ create_topics() {
 }
 
 wait_http() { for _ in $(seq 400); do curl -sf "http://$1/$2" >/dev/null && return 0; sleep 0.025; done; return 1; }
+
+# Fields counted after the command name, which may hold spaces.
+cpu_secs() { awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); print ($12 + $13) / hz }' "/proc/$1/stat"; }

@@ -31,8 +31,10 @@ run() { # LABEL BIN N
   done
   local config=${CONFIG_A:-}
   [ "$label" = b ] && config=${CONFIG_B:-}
+  # tansu answers a fetch only when its wait is over: 10 ms, not the
+  # default 500, so the figures are the gateway's and not that wait.
   env EDGEGATE_KAFKA_PRODUCER_TOPIC="$up" EDGEGATE_KAFKA_CONSUMER_TOPICS="$down" RUST_LOG=warn \
-    "$bin" ${config:+--config "$config"} --brokers "$broker" --listen 127.0.0.1:21603 \
+    EDGEGATE_KAFKA_FETCH_WAIT_MS="${FETCH_WAIT_MS:-10}" "$bin" ${config:+--config "$config"} --brokers "$broker" --listen 127.0.0.1:21603 \
     --admin-listen 127.0.0.1:21683 --data-dir "$work/$label$n" >"$work/$label$n.log" 2>&1 &
   local pid=$!
   echo "$pid" >>"$work/pids"

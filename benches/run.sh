@@ -48,7 +48,6 @@ gateway() { # NAME LISTEN ADMIN BROKERS [extra env...]
   wait_http "$admin" readyz
   echo "$pid"
 }
-cpu() { awk '{ sub(/^.*\) /, ""); print ($12 + $13) / 100 }' "/proc/$1/stat"; }
 
 machine="$(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -m), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
 cpu_model=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //; s/ /_/g')
@@ -59,10 +58,10 @@ gw=$(gateway main 127.0.0.1:21300 127.0.0.1:21380 "$broker")
 for i in $(seq "$rounds"); do
   echo "round $i" >&2
   record "phase=ratio $("$bench" raw --brokers "$broker" --topic bench_raw --messages 400000 2>/dev/null)"
-  g0=$(cpu "$gw"); b0=$(cpu "$tansu_pid")
+  g0=$(cpu_secs "$gw"); b0=$(cpu_secs "$tansu_pid")
   line=$("$bench" uplink --gateway 127.0.0.1:21300 --brokers "$broker" --topic bench_up --partitions 3 \
     --connections 50 --window 64 --messages 400000 2>/dev/null)
-  record "phase=ratio $line gateway_cpu_secs=$(awk "BEGIN{print $(cpu "$gw") - $g0}") broker_cpu_secs=$(awk "BEGIN{print $(cpu "$tansu_pid") - $b0}")"
+  record "phase=ratio $line gateway_cpu_secs=$(awk "BEGIN{print $(cpu_secs "$gw") - $g0}") broker_cpu_secs=$(awk "BEGIN{print $(cpu_secs "$tansu_pid") - $b0}")"
 done
 # The binary the .deb ships is static, with musl's allocator instead of
 # glibc's: one more uplink run with it, if the cross build is there.
@@ -84,8 +83,9 @@ done
 kill "$gw"
 
 echo "round trip" >&2
+# tansu answers a fetch only when its wait is over (see roundtrip.sh).
 rt=$(gateway rt 127.0.0.1:21303 127.0.0.1:21383 "$broker" EDGEGATE_KAFKA_PRODUCER_TOPIC=rt_up \
-  EDGEGATE_KAFKA_CONSUMER_TOPICS=rt_down)
+  EDGEGATE_KAFKA_CONSUMER_TOPICS=rt_down EDGEGATE_KAFKA_FETCH_WAIT_MS=10)
 record "$("$bench" roundtrip --gateway 127.0.0.1:21303 --admin 127.0.0.1:21383 --brokers "$broker" \
   --topic rt_up --reply-topic rt_down --partitions 3 --connections 50 --rate 5000 --seconds 10 2>/dev/null)"
 kill "$rt"

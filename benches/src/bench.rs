@@ -45,7 +45,8 @@ pub enum BenchError {
 pub const USAGE: &str = "\
 usage: edgegate-bench raw    --brokers LIST --topic T [--messages N] [--size BYTES | --payload telemetry]
        edgegate-bench uplink --gateway ADDR --brokers LIST --topic T [--partitions P]
-                             [--connections C] [--window W] [--messages N] [--size BYTES | --payload telemetry] [--no-verify]
+                             [--connections C] [--window W] [--rate MSGS_PER_SEC] [--messages N]
+                             [--size BYTES | --payload telemetry] [--no-verify]
        edgegate-bench roundtrip --gateway ADDR --admin ADDR --brokers LIST --topic T --reply-topic T
                              [--partitions P] [--connections C] [--rate MSGS_PER_SEC] [--seconds S]
        edgegate-bench hop    --brokers LIST --topic EMPTY_TOPIC [--partitions P] [--rate MSGS_PER_SEC] [--seconds S]
@@ -74,6 +75,9 @@ pub struct Options {
     /// rate and how long to send.
     pub reply_topic: String,
     pub rate: u64,
+    /// uplink: `--rate` was given, so requests are paced at `rate` in all
+    /// instead of sent as fast as the window allows.
+    pub paced: bool,
     pub seconds: u64,
     /// plot: the result lines to read and the SVG to write.
     pub input: Option<String>,
@@ -109,6 +113,7 @@ impl Options {
             verify: true,
             reply_topic: "workers_layer_messages".into(),
             rate: 5000,
+            paced: false,
             seconds: 10,
             input: None,
             output: None,
@@ -153,7 +158,10 @@ impl Options {
                     }
                 },
                 "reply-topic" => o.reply_topic = value()?,
-                "rate" => o.rate = num(value()?)?.max(1),
+                "rate" => {
+                    o.rate = num(value()?)?.max(1);
+                    o.paced = true;
+                }
                 "seconds" => o.seconds = num(value()?)?.max(1),
                 "input" => o.input = Some(value()?),
                 "output" => o.output = Some(value()?),
@@ -311,10 +319,21 @@ fn uplink(o: &Options) -> Result<(), BenchError> {
     let cpu_before = cpu_secs(std::process::id());
     let start = Instant::now();
     let progress = Arc::new(AtomicU64::new(0));
+    let pacing = o.paced.then(|| Pacing {
+        start,
+        per_conn_per_sec: o.rate as f64 / o.connections as f64,
+        phase: 0.0,
+    });
     let threads: Vec<_> = (0..o.connections)
         .map(|c| {
             let (progress, window, payload) = (progress.clone(), o.window, o.payload());
-            std::thread::spawn(move || drive(gateway, c, per_conn, window, payload, &progress))
+            let pacing = pacing.map(|p| Pacing {
+                phase: c as f64 / o.connections as f64,
+                ..p
+            });
+            std::thread::spawn(move || {
+                drive(gateway, c, per_conn, window, pacing, payload, &progress)
+            })
         })
         .collect();
     let reporter = {
@@ -371,12 +390,31 @@ fn uplink(o: &Options) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// One connection: keeps `window` frames in flight until `count` are answered.
+/// `uplink --rate`: when each connection's requests are due.
+#[derive(Clone, Copy)]
+struct Pacing {
+    start: Instant,
+    per_conn_per_sec: f64,
+    /// This connection's offset, a fraction of the interval: devices are not
+    /// in step.
+    phase: f64,
+}
+
+impl Pacing {
+    fn due(&self, n: u64) -> Instant {
+        self.start + Duration::from_secs_f64((n as f64 + self.phase) / self.per_conn_per_sec)
+    }
+}
+
+/// One connection: keeps up to `window` frames in flight until `count` are
+/// answered, each sent when due if paced (late ones as soon as the window
+/// allows).
 fn drive(
     gateway: SocketAddr,
     conn: usize,
     count: u64,
     window: usize,
+    pacing: Option<Pacing>,
     payload: Payload,
     progress: &AtomicU64,
 ) -> Result<ConnResult, BenchError> {
@@ -397,7 +435,15 @@ fn drive(
     let mut line = String::new();
     while (result.acked.len() as u64 + result.errors) < count {
         out.clear();
-        while next < count && sent_at.len() < window {
+        if let (Some(p), true) = (pacing, sent_at.is_empty() && next < count) {
+            if let Some(wait) = p.due(next).checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        while next < count
+            && sent_at.len() < window
+            && pacing.is_none_or(|p| p.due(next) <= Instant::now())
+        {
             out.push_str(&frame(conn, next, payload));
             out.push('\n');
             sent_at.push_back(Instant::now());
