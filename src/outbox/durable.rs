@@ -13,9 +13,10 @@
 //!   snapshot and rename it): `conf`, every snapshot file, `db`, `blobs/`
 //!   and the generation's directory are synced ([`after_open`]);
 //! - after each group commit's flush, before any of it is acked: new blob
-//!   files are synced and linked into `keep/`, both directories synced,
-//!   then the log (`db`) is synced ([`Blobs::sync_new`], then the caller's
-//!   `sync_data`).
+//!   files sled has finished writing are synced and linked into `keep/`,
+//!   both directories synced, then the log (`db`) is synced
+//!   ([`Blobs::sync_new`], then the caller's `sync_data`); one still being
+//!   written is left for the next commit ([`is_complete`]).
 //!
 //! `keep/` exists because a blob's removal and its creation need opposite
 //! orders: a new blob must be durable before the log that points to it,
@@ -162,6 +163,8 @@ impl Blobs {
         for name in &new {
             let blob = dir.join(BLOBS).join(name);
             match File::open(&blob) {
+                // Still being written: synced by a later call.
+                Ok(file) if !is_complete(&file)? => continue,
                 Ok(file) => file.sync_all()?,
                 // Written and already replaced: nothing can point to it.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -180,23 +183,79 @@ impl Blobs {
     }
 }
 
+/// Whether sled has finished writing a blob file: its checksum (4 bytes,
+/// little-endian CRC-32 of the rest) matches, as sled's `read_blob` checks.
+///
+/// Any thread that walks a tree may write to it (sled completes splits and
+/// merges on the way), so the producer reading a generation can be inside
+/// sled's `write_blob` while a group commit lists the directory. Such a
+/// blob belongs to a log entry past the commit's flush, but that entry can
+/// reach the log file before the commit's `fsync` of it. Synced half written
+/// and never again, the blob would be torn after a power cut; sled's
+/// recovery stops reading the log at a blob it cannot read, so every record
+/// acknowledged after it would be lost. By the next commit's flush the write
+/// is over (sled makes no log entry stable before its blob is written), and
+/// the blob is synced then.
+fn is_complete(mut file: &File) -> io::Result<bool> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    let Some((crc, rest)) = bytes.split_first_chunk::<4>() else {
+        return Ok(false);
+    };
+    Ok(!rest.is_empty() && u32::from_le_bytes(*crc) == crc32fast::hash(rest))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::OsStr;
+
+    /// A blob file as sled writes it: CRC-32 of the kind byte and the data,
+    /// then the kind byte and the data.
+    fn sled_blob(data: &[u8]) -> Vec<u8> {
+        let mut rest = vec![7u8];
+        rest.extend_from_slice(data);
+        let mut blob = crc32fast::hash(&rest).to_le_bytes().to_vec();
+        blob.extend_from_slice(&rest);
+        blob
+    }
+
+    #[test]
+    fn a_blob_still_being_written_is_synced_once_it_is_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        std::fs::create_dir(dir.join(BLOBS)).unwrap();
+        let whole = sled_blob(&[42; 1000]);
+        let path = dir.join(BLOBS).join("4096");
+        let mut blobs = Blobs::default();
+        // Created, then the checksum alone, then part of the data.
+        for written in [0, 4, 500] {
+            std::fs::write(&path, &whole[..written]).unwrap();
+            blobs.sync_new(dir).unwrap();
+            assert!(blobs.synced.is_empty(), "{written} bytes taken as whole");
+            assert!(!dir.join(KEEP).join("4096").exists());
+        }
+        std::fs::write(&path, &whole).unwrap();
+        blobs.sync_new(dir).unwrap();
+        assert!(blobs.synced.contains(OsStr::new("4096")));
+        assert_eq!(std::fs::read(dir.join(KEEP).join("4096")).unwrap(), whole);
+    }
 
     #[test]
     fn new_blobs_get_a_second_name_that_restores_them() {
         let dir = tempfile::tempdir().unwrap();
         let dir = dir.path();
         std::fs::create_dir(dir.join(BLOBS)).unwrap();
-        std::fs::write(dir.join(BLOBS).join("42"), b"blob").unwrap();
+        let blob = sled_blob(b"node");
+        std::fs::write(dir.join(BLOBS).join("42"), &blob).unwrap();
         let mut blobs = Blobs::default();
         blobs.sync_new(dir).unwrap();
-        assert_eq!(std::fs::read(dir.join(KEEP).join("42")).unwrap(), b"blob");
+        assert_eq!(std::fs::read(dir.join(KEEP).join("42")).unwrap(), blob);
         // sled unlinks it; the next open brings it back.
         std::fs::remove_file(dir.join(BLOBS).join("42")).unwrap();
         assert_eq!(restore_kept_blobs(dir).unwrap(), 1);
-        assert_eq!(std::fs::read(dir.join(BLOBS).join("42")).unwrap(), b"blob");
+        assert_eq!(std::fs::read(dir.join(BLOBS).join("42")).unwrap(), blob);
         assert_eq!(restore_kept_blobs(dir).unwrap(), 0);
         // Nothing new: nothing done, and a removed name is forgotten.
         std::fs::remove_file(dir.join(BLOBS).join("42")).unwrap();
