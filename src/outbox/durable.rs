@@ -58,7 +58,41 @@ pub fn after_open(dir: &Path) -> io::Result<()> {
     if dir.join(BLOBS).is_dir() {
         sync_path(&dir.join(BLOBS))?;
     }
+    forget_discarded_blobs(dir)?;
     sync_path(dir)
+}
+
+/// After sled's recovery: drops the `keep/` names of blobs it discarded.
+///
+/// [`before_open`] put every kept blob back, so a name in `keep/` with none
+/// in `blobs/` is one recovery removed as newer than the log it kept (its
+/// entry was lost with the cut). sled names blobs by log position and goes
+/// on writing from where the log now ends, so it will write a different
+/// blob under that name; a stale second name would then be put back in its
+/// place by a later open. The removals in `blobs/` are synced first (by the
+/// caller), so a cut in between only lets the next open do this again.
+fn forget_discarded_blobs(dir: &Path) -> io::Result<()> {
+    let kept = match std::fs::read_dir(dir.join(KEEP)) {
+        Ok(kept) => kept,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut forgot = 0;
+    for entry in kept {
+        let entry = entry?;
+        if !dir.join(BLOBS).join(entry.file_name()).exists() {
+            std::fs::remove_file(entry.path())?;
+            forgot += 1;
+        }
+    }
+    if forgot > 0 {
+        log::debug!(
+            "outbox generation {}: {forgot} kept blob names dropped (discarded by sled's recovery)",
+            dir.display()
+        );
+        sync_path(&dir.join(KEEP))?;
+    }
+    Ok(())
 }
 
 /// Before sled opens a generation: puts back blob files from `keep/` (see
@@ -172,7 +206,11 @@ impl Blobs {
             }
             match std::fs::hard_link(&blob, keep.join(name)) {
                 Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    // The same file, linked before an earlier open; a stale
+                    // one is what [`forget_discarded_blobs`] prevents.
+                    debug_assert!(same_file(&blob, &keep.join(name)));
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             }
@@ -180,6 +218,14 @@ impl Blobs {
         }
         sync_path(&dir.join(BLOBS))?;
         sync_path(&keep)
+    }
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+        _ => true,
     }
 }
 
@@ -219,6 +265,29 @@ mod tests {
         let mut blob = crc32fast::hash(&rest).to_le_bytes().to_vec();
         blob.extend_from_slice(&rest);
         blob
+    }
+
+    #[test]
+    fn a_blob_discarded_by_recovery_loses_its_kept_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        std::fs::create_dir(dir.join(BLOBS)).unwrap();
+        let old = sled_blob(b"old timeline");
+        std::fs::write(dir.join(BLOBS).join("7"), &old).unwrap();
+        std::fs::write(dir.join(BLOBS).join("8"), &old).unwrap();
+        Blobs::default().sync_new(dir).unwrap();
+        // sled's recovery removes 7 (past the log it kept) and keeps 8.
+        std::fs::remove_file(dir.join(BLOBS).join("7")).unwrap();
+        after_open(dir).unwrap();
+        assert!(!dir.join(KEEP).join("7").exists());
+        assert!(dir.join(KEEP).join("8").exists());
+        // sled writes a new blob 7; removed again, the new one comes back.
+        let new = sled_blob(b"new timeline");
+        std::fs::write(dir.join(BLOBS).join("7"), &new).unwrap();
+        Blobs::default().sync_new(dir).unwrap();
+        std::fs::remove_file(dir.join(BLOBS).join("7")).unwrap();
+        assert_eq!(before_open(dir).unwrap(), 1);
+        assert_eq!(std::fs::read(dir.join(BLOBS).join("7")).unwrap(), new);
     }
 
     #[test]
