@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use super::durable;
@@ -42,6 +42,17 @@ pub(super) struct Generation {
     pub(super) log: Mutex<Option<std::fs::File>>,
     /// Blob files already made durable.
     pub(super) blobs: Mutex<durable::Blobs>,
+    /// Held for writing by a group commit from its first insert to its
+    /// log's fsync, and for reading by the producer's reads and removals.
+    /// sled rewrites tree nodes (splits, merges) in whichever thread walks
+    /// the tree, and a node large enough goes to a blob file: one written
+    /// by the producer between the commit's look at `blobs/` and its fsync
+    /// of the log could be pointed to by the synced log while the file
+    /// itself was not synced. After a power cut sled would then skip the
+    /// new node (a split's right half, acknowledged records with it) or
+    /// stop reading the log there. Outside a commit, whatever the producer
+    /// writes is synced by the next commit, blobs before the log.
+    commit: RwLock<()>,
 }
 
 impl Generation {
@@ -58,7 +69,18 @@ impl Generation {
             flushed_created: AtomicBool::new(false),
             log: Mutex::new(None),
             blobs: Mutex::new(durable::Blobs::default()),
+            commit: RwLock::new(()),
         }
+    }
+
+    /// For a group commit: no other thread touches the tree until dropped.
+    pub(super) fn committing(&self) -> RwLockWriteGuard<'_, ()> {
+        self.commit.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// For the producer's reads and removals: not during a group commit.
+    pub(super) fn between_commits(&self) -> RwLockReadGuard<'_, ()> {
+        self.commit.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records that every seq below `next` was flushed and synced (see

@@ -284,7 +284,11 @@ impl Store {
             self.reading.store(generation.first_seq, SeqCst);
             let start = seq.max(generation.first_seq);
             let db = generation.db()?;
-            if let Some(item) = db.range(start.to_be_bytes()..end.to_be_bytes()).next() {
+            let found = {
+                let _not_committing = generation.between_commits();
+                db.range(start.to_be_bytes()..end.to_be_bytes()).next()
+            };
+            if let Some(item) = found {
                 let (key, value) = item?;
                 return Ok(Some((seq_of(&key), value)));
             }
@@ -316,7 +320,12 @@ impl Store {
             // the fallback (a corrupt batch skipped, say).
             self.advance_removal_mark(seq + 1)?;
         }
-        let Some(removed) = generation.db()?.remove(seq.to_be_bytes())? else {
+        let db = generation.db()?;
+        let removed = {
+            let _not_committing = generation.between_commits();
+            db.remove(seq.to_be_bytes())?
+        };
+        let Some(removed) = removed else {
             return Ok(()); // already gone
         };
         let bytes = removed.len() as u64;

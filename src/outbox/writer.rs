@@ -443,6 +443,7 @@ impl Writer {
         // Compressed here, off the executor; what the disk holds is counted.
         let result = smol::unblock(move || {
             let mut stored = 0u64;
+            let committing = marker.committing();
             let written = (|| {
                 if gap {
                     marks
@@ -465,6 +466,7 @@ impl Writer {
                     let _ = db.remove(seq.to_be_bytes());
                 }
             }
+            drop(committing);
             written
         })
         .await;
