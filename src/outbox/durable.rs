@@ -232,16 +232,15 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// Whether sled has finished writing a blob file: its checksum (4 bytes,
 /// little-endian CRC-32 of the rest) matches, as sled's `read_blob` checks.
 ///
-/// Any thread that walks a tree may write to it (sled completes splits and
-/// merges on the way), so the producer reading a generation can be inside
-/// sled's `write_blob` while a group commit lists the directory. Such a
-/// blob belongs to a log entry past the commit's flush, but that entry can
-/// reach the log file before the commit's `fsync` of it. Synced half written
-/// and never again, the blob would be torn after a power cut; sled's
-/// recovery stops reading the log at a blob it cannot read, so every record
-/// acknowledged after it would be lost. By the next commit's flush the write
-/// is over (sled makes no log entry stable before its blob is written), and
-/// the blob is synced then.
+/// A blob synced half written is never synced again here, and after a power
+/// cut sled's recovery stops reading the log at a blob it cannot read: every
+/// record acknowledged after it would be lost. A group commit keeps the
+/// producer out of sled (`Generation::committing`), which is where such a
+/// blob came from (sled rewrites nodes in whichever thread walks the tree);
+/// this check keeps `sync_new` right on its own, for a read and a CRC of
+/// each new blob, small beside its fsync.
+/// A blob skipped here is synced by the next commit, whose flush waits for
+/// its write (sled makes no log entry stable before its blob is written).
 fn is_complete(mut file: &File) -> io::Result<bool> {
     use std::io::Read;
     let mut bytes = Vec::new();
