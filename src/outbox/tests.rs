@@ -496,3 +496,37 @@ fn a_request_behind_the_first_spilled_one_is_answered_without_more_traffic() {
     smol::block_on(task);
     assert_eq!(drain(&store), vec![1, 2]);
 }
+
+#[test]
+fn the_producer_waits_out_a_group_commit_of_its_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _, _) = open(dir.path(), 1 << 30);
+    let (appender, writer) = start_writer(store.clone(), Duration::ZERO, Duration::ZERO);
+    let task = smol::spawn(writer);
+    smol::block_on(appender.append(batch(&[1]))).unwrap();
+    drop(appender);
+    smol::block_on(task);
+    // A commit in progress: sled must see no read or removal of the
+    // producer's until it has synced (see `Generation::committing`).
+    let generation = store.active();
+    let committing = generation.committing();
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let producer = std::thread::spawn({
+        let store = store.clone();
+        move || {
+            let (seq, value) = store.next_batch(0, None).unwrap().expect("on disk");
+            done_tx.send("read").unwrap();
+            store.remove(seq, ids(&value).len() as u32).unwrap();
+            done_tx.send("removed").unwrap();
+        }
+    });
+    assert!(
+        done.recv_timeout(Duration::from_millis(200)).is_err(),
+        "the producer read during a commit"
+    );
+    drop(committing);
+    assert_eq!(done.recv_timeout(Duration::from_secs(5)), Ok("read"));
+    assert_eq!(done.recv_timeout(Duration::from_secs(5)), Ok("removed"));
+    producer.join().unwrap();
+    assert!(drain(&store).is_empty());
+}
