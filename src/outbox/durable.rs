@@ -44,6 +44,16 @@ pub fn sync_path(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_all()
 }
 
+/// A directory's entries, or `None` if it does not exist (sled creates
+/// `blobs/` and we create `keep/` only when first needed).
+fn entries_if_any(dir: &Path) -> io::Result<Option<std::fs::ReadDir>> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => Ok(Some(entries)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Syncs what sled wrote without syncing when it opened a generation.
 pub fn after_open(dir: &Path) -> io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
@@ -72,10 +82,8 @@ pub fn after_open(dir: &Path) -> io::Result<()> {
 /// place by a later open. The removals in `blobs/` are synced first (by the
 /// caller), so a cut in between only lets the next open do this again.
 fn forget_discarded_blobs(dir: &Path) -> io::Result<()> {
-    let kept = match std::fs::read_dir(dir.join(KEEP)) {
-        Ok(kept) => kept,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
+    let Some(kept) = entries_if_any(&dir.join(KEEP))? else {
+        return Ok(());
     };
     let mut forgot = 0;
     for entry in kept {
@@ -116,10 +124,8 @@ pub fn before_open(dir: &Path) -> io::Result<usize> {
 /// a file was never finished: without it sled uses the previous snapshot and
 /// replays its log from there.
 fn remove_unfinished_snapshots(dir: &Path) -> io::Result<()> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
+    let Some(entries) = entries_if_any(dir)? else {
+        return Ok(());
     };
     for entry in entries {
         let entry = entry?;
@@ -139,10 +145,8 @@ fn remove_unfinished_snapshots(dir: &Path) -> io::Result<()> {
 /// Puts back blob files that sled unlinked but whose unlink outlived the
 /// log that made them unneeded (see the module doc).
 fn restore_kept_blobs(dir: &Path) -> io::Result<usize> {
-    let kept = match std::fs::read_dir(dir.join(KEEP)) {
-        Ok(kept) => kept,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e),
+    let Some(kept) = entries_if_any(&dir.join(KEEP))? else {
+        return Ok(0);
     };
     let mut restored = 0;
     for entry in kept {
@@ -170,10 +174,8 @@ impl Blobs {
     /// Makes every blob file sled created since the last call durable, with
     /// a second name in `keep/`. A cheap `readdir` when there are none.
     pub fn sync_new(&mut self, dir: &Path) -> io::Result<()> {
-        let entries = match std::fs::read_dir(dir.join(BLOBS)) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
+        let Some(entries) = entries_if_any(&dir.join(BLOBS))? else {
+            return Ok(());
         };
         let mut present = HashSet::new();
         let mut new = Vec::new();
