@@ -4,8 +4,8 @@
 //! unsynced state is dropped (the power cut) and the gateway starts again,
 //! with the broker link cut in some cycles. Afterwards every acknowledged
 //! messageId must be in the topic, each device's first copies in order, and
-//! no loss reported; the same with 40 KiB requests, which make sled write
-//! blob files. A last test checks that a loss the disk really suffers is
+//! no loss reported; the same with 40 KiB requests, which the outbox keeps
+//! in files of their own beside sled's tree. A last test checks that a loss the disk really suffers is
 //! reported.
 //!
 //! CI runs a short loop. The long mode:
@@ -48,8 +48,9 @@ fn power_cuts_lose_nothing_acknowledged() {
     power_cut_loop("power-cut loop", cycles, DEVICES, 0);
 }
 
-/// Requests of 40 KiB: sled writes tree nodes that large to blob files of
-/// their own, the path with the most syncs and with `keep/` links.
+/// Requests of 40 KiB: each goes to a file of its own (`large/`), synced
+/// with its directory before its pointer enters sled's tree, and removed
+/// after the pointer; sled itself must make no blob file.
 #[test]
 fn power_cuts_with_large_requests_lose_nothing_acknowledged() {
     let cycles: usize = std::env::var("EDGEGATE_POWER_CUTS")
@@ -69,7 +70,7 @@ fn power_cut_loop(name: &str, cycles: usize, devices: usize, pad: usize) {
     let mut opts = GatewayOptions::new(broker.addr()).topics(&up, &down);
     if pad >= 32 << 10 {
         // Padding compresses to almost nothing: store the records as they
-        // are, so that sled's blob path is taken.
+        // are, so that they take the large-record path.
         opts = opts.env("EDGEGATE_OUTBOX_COMPRESSION", "none");
     }
     if std::env::var("EDGEGATE_POWER_CUT_TRACE").is_ok() {
@@ -85,12 +86,13 @@ fn power_cut_loop(name: &str, cycles: usize, devices: usize, pad: usize) {
     let server_id = std::fs::read_to_string(&server_id_path).unwrap();
     let load = Load::start_padded(gw.port, devices, pad);
     let outbox = gw.data_dir.join("outbox");
-    let mut blobs_seen = 0;
+    let (mut blobs_seen, mut large_seen) = (0, 0);
     let stats = interrupt_loop(name, cycles, &mut rng, &broker, &mut gw, &load, |gw| {
         gw.kill();
         fs.cut();
         // What survived the cut, before the gateway opens it again.
         blobs_seen += count_files(&outbox, "blobs");
+        large_seen += count_files(&outbox, "large");
         if let Ok(trace) = std::env::var("EDGEGATE_POWER_CUT_TRACE") {
             // Keep each cut's outbox, to see how a failure came about.
             let to = format!("{trace}/cut-{:03}", fs.counts().cuts);
@@ -112,15 +114,19 @@ fn power_cut_loop(name: &str, cycles: usize, devices: usize, pad: usize) {
     );
     if pad >= 32 << 10 {
         assert!(
-            blobs_seen > 0,
-            "no blob file survived a cut: the blob path went untested"
+            large_seen > 0,
+            "no large-record file survived a cut: that path went untested"
         );
     }
+    assert_eq!(
+        blobs_seen, 0,
+        "sled wrote blob files: a tree value is too large"
+    );
     let counts = fs.counts();
     eprintln!(
         "{name} passed: {cycles} cuts ({} before ready, {} with the broker cut), \
          {} acked, {records} records, {duplicates} duplicate copies, 0 lost; \
-         {} unsynced bytes dropped, {} file and {} directory syncs, {blobs_seen} blob files found after cuts; seed {seed}",
+         {} unsynced bytes dropped, {} file and {} directory syncs, {large_seen} large-record and {blobs_seen} blob files found after cuts; seed {seed}",
         stats.before_ready,
         stats.broker_cut,
         acked.len(),

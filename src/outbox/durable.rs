@@ -24,9 +24,10 @@
 //! pointer "stable", which can be before our next `fsync` of the log. With
 //! a second name in `keep/`, an unlink that became durable too early is
 //! undone on the next open ([`restore_kept_blobs`]); `keep/` goes with the
-//! generation once it is drained. Blobs are rare anyway: the outbox keeps its
-//! records small enough that sled's tree nodes stay inline (see
-//! `RECORD_BYTES`), so only requests of tens of KiB make them.
+//! generation once it is drained. The outbox itself no longer makes blobs:
+//! it keeps every value in the tree small enough that sled's nodes stay in
+//! the log, and larger records in files of its own ([`super::large`]). This
+//! stays for stores written before that, and as a second line.
 
 use std::collections::HashSet;
 use std::ffi::OsString;

@@ -7,6 +7,7 @@ use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use super::durable;
+use super::large;
 use super::marks::{read_mark, write_mark, FLUSHED_FILE};
 use super::record::stored_count;
 use super::OutboxError;
@@ -215,16 +216,40 @@ pub(super) fn load_generation(
             bytes: 0,
             next_seq: first,
         };
+        let mut pointers = std::collections::HashSet::new();
+        let mut stale = Vec::new();
         for item in db.iter() {
             let (key, value) = item?;
-            stats.next_seq = stats.next_seq.max(seq_of(&key).saturating_add(1));
+            let seq = seq_of(&key);
+            stats.next_seq = stats.next_seq.max(seq.saturating_add(1));
+            let mut bytes = value.len() as u64;
+            if large::is_pointer(&value) {
+                if !large::exists(&dir, seq) && removed.is_some_and(|r| seq < r) {
+                    // Delivered: its file's deletion reached the disk, the
+                    // pointer's removal did not.
+                    stale.push(key);
+                    continue;
+                }
+                pointers.insert(seq);
+                bytes = large::file_len(&value);
+            }
             stats.batches += 1;
-            stats.bytes += value.len() as u64;
+            stats.bytes += bytes;
             // A batch that fails its checksum is counted and skipped when
             // the producer reaches it.
             if let Some(count) = stored_count(&value) {
                 stats.records += i64::from(count);
             }
+        }
+        for key in stale {
+            db.remove(key)?;
+        }
+        let orphans = large::remove_orphans(&dir, &pointers)?;
+        if orphans > 0 {
+            log::debug!(
+                "outbox generation {}: {orphans} files without a pointer deleted",
+                dir.display()
+            );
         }
         Ok((db, stats))
     });

@@ -7,6 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::generation::{open_db, seq_of};
+use super::large;
 use super::record::{from_disk, Batch, Kind};
 use super::store::lock_dir;
 use super::OutboxError;
@@ -94,14 +95,23 @@ fn visit(
             }
         };
         for item in db.iter() {
-            let (key, value) = match item {
-                Ok(kv) => kv,
+            let (seq, value) = match item {
+                Ok((key, value)) => (seq_of(&key), value),
                 Err(e) => {
                     unreadable.push(format!("{}: {e}", dir.display()));
                     break;
                 }
             };
-            let seq = seq_of(&key);
+            let value = match large::is_pointer(&value) {
+                true => match large::read(dir, seq) {
+                    Ok(record) => record.into(),
+                    Err(e) => {
+                        unreadable.push(format!("batch {seq}: its file: {e}"));
+                        continue;
+                    }
+                },
+                false => value,
+            };
             let record = match from_disk(&value) {
                 Ok(r) => r,
                 Err(e) => {

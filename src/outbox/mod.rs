@@ -12,12 +12,14 @@
 //! as it is drained (that gives disk back), and only the newest and the one
 //! being drained are open (that keeps memory flat whatever the backlog).
 //!
-//! Each group commit is stored as records of about 7 KiB on disk (up to 32
+//! Each group commit is stored as records of about 5 KiB on disk (up to 32
 //! KiB of requests before compression), each under its own seq, all inserted
 //! before one flush: sled's cost is per insert and per remove, so a record
-//! per request would cap throughput, and tree nodes above about 128 KiB
-//! would go to sled's blob files, each needing syncs of its own (see
-//! `writer::RECORD_BYTES`).
+//! per request would cap throughput. A record of more than 6 KiB on disk (a
+//! large request) goes to a file of its own, `<generation>/large/<seq>`,
+//! with a pointer under its seq: a tree node above about 128 KiB would go to
+//! one of sled's blob files, which a real disk can lose after the log that
+//! names it ([`large`] says why and how the file is kept safe).
 //!
 //! ```text
 //! key   = seq: u64 big-endian (so sled's order is append order)
@@ -26,7 +28,10 @@
 //!         | message_id: 16 bytes | payload (the ServerRequest JSON)
 //! ```
 //!
-//! The crc32 covers `count` and every entry. Below, "batch" means one record.
+//! The crc32 covers `count` and every entry. Version 2 is a compressed
+//! record ([`record::for_disk`]); version 3 is a pointer, `magic | 3 | crc32
+//! | count | file length`, the record itself (version 1 or 2) in its file.
+//! Below, "batch" means one record.
 //!
 //! sled leaves its files unsynced; [`durable`] says what the outbox syncs and
 //! when, and why blob files get a second name in `<generation>/keep/`.
@@ -132,6 +137,7 @@ mod durable;
 mod generation;
 pub mod hot;
 pub mod inspect;
+mod large;
 mod marks;
 pub mod quarantine;
 mod reader;
@@ -141,6 +147,8 @@ mod writer;
 
 #[cfg(test)]
 mod hot_model_tests;
+#[cfg(test)]
+mod large_tests;
 #[cfg(test)]
 mod model_tests;
 #[cfg(test)]

@@ -17,6 +17,8 @@ pub(super) const VERSION_COMPRESSED: u8 = 2;
 /// magic, version 2, crc32 (of what follows it), count, length of the
 /// entries uncompressed, codec.
 pub(super) const HEADER_COMPRESSED_LEN: usize = 15;
+/// Not a record but a pointer to one kept in a file ([`super::large`]).
+pub(super) const VERSION_IN_FILE: u8 = 3;
 const CODEC_ZSTD: u8 = 1;
 const CODEC_LZ4: u8 = 2;
 /// Set in the codec byte: the entries' messageId texts were taken out
@@ -116,6 +118,7 @@ pub(super) fn stored_count(value: &[u8]) -> Option<u32> {
     let min = match *value.get(1)? {
         VERSION => HEADER_LEN,
         VERSION_COMPRESSED => HEADER_COMPRESSED_LEN,
+        VERSION_IN_FILE => super::large::POINTER_LEN,
         _ => return None,
     };
     if value.len() < min || value[0] != MAGIC {
@@ -132,8 +135,11 @@ pub(super) fn from_disk(value: &[u8]) -> Result<Cow<'_, [u8]>, CorruptBatch> {
     if value.len() < 2 || value[0] != MAGIC {
         return Err(CorruptBatch::Header);
     }
-    if value[1] != VERSION_COMPRESSED {
-        return Ok(Cow::Borrowed(value));
+    match value[1] {
+        VERSION_COMPRESSED => {}
+        // Its file could not be read when the pointer was resolved.
+        VERSION_IN_FILE => return Err(CorruptBatch::FileMissing),
+        _ => return Ok(Cow::Borrowed(value)),
     }
     if value.len() < HEADER_COMPRESSED_LEN {
         return Err(CorruptBatch::Short);
@@ -313,6 +319,8 @@ pub enum CorruptBatch {
     Checksum,
     #[error("entry lengths do not add up")]
     Layout,
+    #[error("kept in a file that is missing or unreadable")]
+    FileMissing,
 }
 
 /// A stored batch whose checksum and layout were verified.

@@ -11,6 +11,7 @@ use smol::channel::{self, Receiver, Sender};
 use super::durable;
 use super::generation::{load_generation, open_db, seq_of, Generation};
 use super::hot::Hot;
+use super::large;
 use super::marks::{read_mark, write_mark, REMOVED_FILE};
 use super::record::Compression;
 use super::OutboxError;
@@ -290,7 +291,15 @@ impl Store {
             };
             if let Some(item) = found {
                 let (key, value) = item?;
-                return Ok(Some((seq_of(&key), value)));
+                let seq = seq_of(&key);
+                if large::is_pointer(&value) {
+                    // Unreadable, the pointer goes on: the reader reports
+                    // it as damage and moves past it.
+                    if let Ok(record) = large::read(&generation.dir, seq) {
+                        return Ok(Some((seq, record.into())));
+                    }
+                }
+                return Ok(Some((seq, value)));
             }
         }
         Ok(None)
@@ -328,7 +337,20 @@ impl Store {
         let Some(removed) = removed else {
             return Ok(()); // already gone
         };
-        let bytes = removed.len() as u64;
+        let bytes = if large::is_pointer(&removed) {
+            // After the pointer: a cut between the two leaves a file that
+            // the next start deletes.
+            // The same when the delete fails: the record is gone either way.
+            if let Err(e) = large::remove(&generation.dir, seq) {
+                log::warn!(
+                    "cannot delete the file of outbox batch {seq} in {}: {e}",
+                    generation.dir.display()
+                );
+            }
+            large::file_len(&removed)
+        } else {
+            removed.len() as u64
+        };
         generation.batches.fetch_sub(1, SeqCst);
         self.live_bytes.fetch_sub(bytes, SeqCst);
         self.metrics.outbox_batches.fetch_sub(1, Relaxed);

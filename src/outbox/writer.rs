@@ -1,6 +1,7 @@
 //! The group-commit writer: gathers appends, stores them as records in the
 //! active generation, makes them durable, then answers every append.
 
+use std::borrow::Cow;
 use std::sync::atomic::{Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,29 +9,29 @@ use std::time::{Duration, Instant};
 use smol::channel::{self, Receiver, Sender, TrySendError};
 
 use super::hot::{GroupAck, Spill, Waiter, MEMORY_LIMIT};
+use super::large;
 use super::record::{for_disk, AppendBatch, Batch, HEADER_LEN};
 use super::store::Store;
 use super::{AppendError, OutboxError};
 
 /// Stop gathering requests into one group commit past this many bytes.
 pub(super) const MAX_BATCH_BYTES: usize = 4 << 20;
-/// A group commit is stored as records of at most this size on disk (a
+/// A group commit is stored as records of about this size on disk (a
 /// larger request gets a record of its own); one flush still serves the
-/// whole group. sled writes a tree node whose serialized size exceeds a
-/// quarter of its 512 KiB segment, less headers, to a blob file of its own,
-/// and a leaf holds up to 17 records: 17 records of 7 KiB stay under that,
-/// so nodes stay in the log, the one file whose every write the group
-/// commit syncs anyway.
-/// (At 32 KiB every consolidated leaf became a new blob file, each needing
+/// whole group. Records up to [`large::INLINE_MAX`] stay in sled's log, the
+/// one file whose every write the group commit syncs anyway; larger ones go
+/// to files of their own, each synced apart. The margin between the two
+/// absorbs a compression ratio that changed since the last write.
+/// (At 32 KiB every consolidated leaf became a sled blob file, each needing
 /// its own fsync and a directory fsync before the ack.)
-pub(super) const RECORD_BYTES: usize = 7 << 10;
+pub(super) const RECORD_BYTES: usize = 5 << 10;
 /// Requests packed into one record, before compression, at most. Records
 /// are packed from as many bytes as the last write's compression ratio
 /// says fit in [`RECORD_BYTES`] on disk, up to this: zstd's ratio and
 /// sled's per-key cost improve with size (telemetry at full speed: 52 → 36
 /// live bytes per request from 7 to 28 KiB, 35 at 32), while an
-/// incompressible payload stays at 7 KiB. A sudden change of ratio only costs speed: an
-/// oversized leaf goes to a blob file, which the group commit syncs too.
+/// incompressible payload stays at [`RECORD_BYTES`]. A sudden change of ratio only costs
+/// speed: a record past [`large::INLINE_MAX`] goes to a file of its own.
 pub(super) const RECORD_RAW_MAX: usize = 32 << 10;
 /// In outage mode a group commit ends at this many bytes if the spill
 /// delay has not ended it first: enough for records of [`RECORD_BYTES`]
@@ -450,10 +451,25 @@ impl Writer {
                         .advance_removal_mark(last)
                         .map_err(|e| sled::Error::Io(std::io::Error::other(e.to_string())))?;
                 }
-                for (seq, value) in &records {
-                    let value = for_disk(value, compression);
+                let on_disk: Vec<(u64, Cow<'_, [u8]>)> = records
+                    .iter()
+                    .map(|(seq, value)| (*seq, for_disk(value, compression)))
+                    .collect();
+                // Large ones first, synced before their pointers exist.
+                large::store(
+                    &marker.dir,
+                    on_disk
+                        .iter()
+                        .filter(|(_, v)| v.len() > large::INLINE_MAX)
+                        .map(|(seq, v)| (*seq, &v[..])),
+                )?;
+                for (seq, value) in &on_disk {
                     stored += value.len() as u64;
-                    db.insert(seq.to_be_bytes(), &*value)?;
+                    if value.len() > large::INLINE_MAX {
+                        db.insert(seq.to_be_bytes(), &large::pointer(value)[..])?;
+                    } else {
+                        db.insert(seq.to_be_bytes(), &**value)?;
+                    }
                 }
                 db.flush()?;
                 marker.make_durable()?;
@@ -464,6 +480,7 @@ impl Writer {
                 // The device keeps its copy; do not send one it was not acked.
                 for (seq, _) in &records {
                     let _ = db.remove(seq.to_be_bytes());
+                    let _ = large::remove(&marker.dir, *seq);
                 }
             }
             drop(committing);
