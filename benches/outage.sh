@@ -9,7 +9,9 @@
 #   benches/outage.sh [BIN] [MESSAGES]
 # RATE=requests/s paces them (a hub's rate, not the fastest the disk
 # allows: group commits are then small); COMPRESSIONS picks the settings
-# (default "zstd lz4 none").
+# (default "zstd lz4 none"); SIZE=BYTES sends fixed-size frames of that
+# many bytes instead (large requests; listener.max_frame_bytes is raised to
+# fit), CONNECTIONS and WINDOW set the load (default 50 and 64).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=$(realpath "${1:-target/release/edgegate}") messages="${2:-200000}"
@@ -26,12 +28,16 @@ ulimit -n "$(ulimit -Hn)"
 metric() { curl -sf "http://127.0.0.1:21781/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
 for compression in ${COMPRESSIONS:-zstd lz4 none}; do
   env RUST_LOG=warn EDGEGATE_OUTBOX_COMPRESSION="$compression" \
+    ${SIZE:+EDGEGATE_LISTENER_MAX_FRAME_BYTES=$(( SIZE > 65536 ? SIZE + 1024 : 65536 ))} \
     "$bin" --brokers 127.0.0.1:1 --listen 127.0.0.1:21700 --admin-listen 127.0.0.1:21781 \
     --data-dir "$work/$compression" >"$work/$compression.log" 2>&1 &
   pid=$!
   for _ in $(seq 400); do curl -sf http://127.0.0.1:21781/readyz >/dev/null && break; sleep 0.025; done
-  line=$("$bench" uplink --gateway 127.0.0.1:21700 --connections 50 --window 64 \
-    --messages "$messages" ${RATE:+--rate "$RATE"} --payload telemetry --no-verify 2>/dev/null)
+  payload=(--payload telemetry)
+  [ -z "${SIZE:-}" ] || payload=(--size "$SIZE")
+  line=$("$bench" uplink --gateway 127.0.0.1:21700 --connections "${CONNECTIONS:-50}" \
+    --window "${WINDOW:-64}" --messages "$messages" ${RATE:+--rate "$RATE"} "${payload[@]}" \
+    --no-verify 2>/dev/null)
   acked=$(tr ' ' '\n' <<<"$line" | sed -n 's/^acked=//p')
   sent=$(tr ' ' '\n' <<<"$line" | sed -n 's/^sent_bytes=//p')
   rate=$(tr ' ' '\n' <<<"$line" | sed -n 's/^msgs_per_sec=//p')
@@ -41,11 +47,13 @@ for compression in ${COMPRESSIONS:-zstd lz4 none}; do
   # and estimated in between, and a fast run ends between two measurements.
   disk=$(du -sb "$work/$compression/outbox" | cut -f1)
   records=$(metric edgegate_outbox_records)
+  blobs=$(find "$work/$compression/outbox" -path '*/blobs/*' -type f | wc -l)
+  large=$(find "$work/$compression/outbox" -path '*/large/*' -type f | wc -l)
   cpu=$(metric process_cpu_seconds_total)
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
   echo "compression=$compression acked=$acked stored=$records msgs_per_sec=$rate" \
     "sent_per_request=$(( sent / acked )) written_per_request=$(( written / acked ))" \
     "outbox_live_per_request=$(( live / acked )) outbox_disk_per_request=$(( disk / acked ))" \
-    "requests_per_gib=$(( (1 << 30) * acked / disk ))" \
+    "requests_per_gib=$(( (1 << 30) * acked / disk )) sled_blob_files=$blobs large_record_files=$large" \
     "gateway_cpu_us_per_request=$(awk -v c="$cpu" -v n="$acked" 'BEGIN { printf "%.1f", c * 1e6 / n }')"
 done
