@@ -20,11 +20,14 @@ pub(super) const MAX_BATCH_BYTES: usize = 4 << 20;
 /// larger request gets a record of its own); one flush still serves the
 /// whole group. Records up to [`large::INLINE_MAX`] stay in sled's log, the
 /// one file whose every write the group commit syncs anyway; larger ones go
-/// to files of their own, each synced apart. The margin between the two
-/// absorbs a compression ratio that changed since the last write.
+/// to files of their own, each synced apart. A record stored as it is never
+/// passes this size; a compressed one packed by a ratio that no longer
+/// holds can (then it takes a file). A smaller target costs flash: 5 KiB
+/// wrote 215 bytes a telemetry request at full speed where 6 KiB wrote 164–169
+/// (`benches/outage.sh`), sled rewriting tree pages per record.
 /// (At 32 KiB every consolidated leaf became a sled blob file, each needing
 /// its own fsync and a directory fsync before the ack.)
-pub(super) const RECORD_BYTES: usize = 5 << 10;
+pub(super) const RECORD_BYTES: usize = large::INLINE_MAX;
 /// Requests packed into one record, before compression, at most. Records
 /// are packed from as many bytes as the last write's compression ratio
 /// says fit in [`RECORD_BYTES`] on disk, up to this: zstd's ratio and
