@@ -224,11 +224,21 @@ pub(super) fn load_generation(
             stats.next_seq = stats.next_seq.max(seq.saturating_add(1));
             let mut bytes = value.len() as u64;
             if large::is_pointer(&value) {
-                if !large::exists(&dir, seq) && removed.is_some_and(|r| seq < r) {
-                    // Delivered: its file's deletion reached the disk, the
-                    // pointer's removal did not.
-                    stale.push(key);
-                    continue;
+                if !large::exists(&dir, seq) {
+                    if removed.is_some_and(|r| seq < r) {
+                        // Delivered: its file's deletion reached the disk,
+                        // the pointer's removal did not.
+                        stale.push(key);
+                        continue;
+                    }
+                    // Acked and never delivered: the reader reports it as
+                    // damage too, and moves past it.
+                    log::error!(
+                        "outbox store {} lost batch {seq}: the file holding it is gone; \
+                         the requests in it were acknowledged and will not be sent",
+                        dir.display()
+                    );
+                    metrics.outbox_lost_batches.fetch_add(1, Relaxed);
                 }
                 pointers.insert(seq);
                 bytes = large::file_len(&value);

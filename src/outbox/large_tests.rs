@@ -138,9 +138,10 @@ fn what_a_cut_leaves_of_large_records_is_cleaned_up_on_the_next_start() {
 
     let (store, metrics) = open(dir.path());
     assert!(!file(damaged + 100).exists());
-    // The delivered one is gone without a word; the damaged one is still
-    // counted and handed out as damage, which the reader reports and skips.
+    // The delivered one is gone without a word; the damaged one is counted
+    // lost, and handed out as damage, which the reader reports and skips.
     assert_eq!(metrics.outbox_batches.load(Relaxed), 2);
+    assert_eq!(metrics.outbox_lost_batches.load(Relaxed), 1);
     let (seq, value) = store.next_batch(0, None).unwrap().unwrap();
     assert_eq!(seq, damaged);
     assert_eq!(

@@ -483,7 +483,15 @@ impl Writer {
                 // The device keeps its copy; do not send one it was not acked.
                 for (seq, _) in &records {
                     let _ = db.remove(seq.to_be_bytes());
-                    let _ = large::remove(&marker.dir, *seq);
+                }
+                // Files only once no pointer to them can come back: one
+                // gone under a pointer reads as an acked record lost. Left
+                // behind, a retry rewrites them or the next start deletes
+                // them.
+                if db.flush().is_ok() && marker.make_durable().is_ok() {
+                    for (seq, _) in &records {
+                        let _ = large::remove(&marker.dir, *seq);
+                    }
                 }
             }
             drop(committing);
