@@ -14,11 +14,13 @@
 //! It also writes a large request to flash about once, where sled's splits
 //! and consolidations rewrite a tree value three to four times.
 //!
-//! A pointer is removed from the tree before its file is deleted. Files
-//! without a pointer (an append cut short, which was never acked, or a
-//! removal cut short, whose record Kafka already had) and pointers whose
-//! file is gone below the removal mark (a removal whose tree half did not
-//! reach the disk) are dropped when the generation is loaded.
+//! A pointer is removed from the tree before its file is deleted (and, when
+//! a group commit fails, made durable first). Files without a pointer (an
+//! append cut short, which was never acked, or a removal cut short, whose
+//! record Kafka already had) and pointers whose file is gone below the
+//! removal mark (a removal whose tree half did not reach the disk) are
+//! dropped when the generation is loaded; a pointer above the mark without
+//! its file is an acknowledged record lost, and counted so.
 
 use std::collections::HashSet;
 use std::fs::File;
