@@ -224,7 +224,7 @@ pub(super) fn load_generation(
             stats.next_seq = stats.next_seq.max(seq.saturating_add(1));
             let mut bytes = value.len() as u64;
             if large::is_pointer(&value) {
-                if !large::exists(&dir, seq) {
+                if large::missing(&dir, seq) {
                     if removed.is_some_and(|r| seq < r) {
                         // Delivered: its file's deletion reached the disk,
                         // the pointer's removal did not.

@@ -151,3 +151,28 @@ fn what_a_cut_leaves_of_large_records_is_cleaned_up_on_the_next_start() {
     let (seq, _) = store.next_batch(damaged + 1, None).unwrap().unwrap();
     assert_eq!(seq, batches[2].0);
 }
+
+/// Only a file known to be gone is damage: any other error reading it
+/// (here a directory in its place; on a hub, too many open files) leaves the
+/// record where it is, to be read again.
+#[test]
+fn a_large_record_that_cannot_be_read_for_now_is_not_given_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, metrics) = open(dir.path());
+    append_all(&store, vec![request(1, 20 << 10)]);
+    let (seq, _) = store.next_batch(0, None).unwrap().unwrap();
+    let file = store.active().dir.join("large").join(format!("{seq:020}"));
+    let kept = dir.path().join("kept");
+    std::fs::rename(&file, &kept).unwrap();
+    std::fs::create_dir(&file).unwrap();
+    let mut reader = Reader::new(store.clone());
+    assert!(matches!(
+        reader.read_next(None),
+        Err(OutboxError::ReadFile { .. })
+    ));
+    assert_eq!(metrics.outbox_corrupt_batches.load(Relaxed), 0);
+    std::fs::remove_dir(&file).unwrap();
+    std::fs::rename(&kept, &file).unwrap();
+    let batch = reader.read_next(None).unwrap().expect("still there");
+    assert_eq!(batch.seq, seq);
+}

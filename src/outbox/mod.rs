@@ -12,7 +12,7 @@
 //! as it is drained (that gives disk back), and only the newest and the one
 //! being drained are open (that keeps memory flat whatever the backlog).
 //!
-//! Each group commit is stored as records of at most about 6 KiB on disk (up to 32
+//! Each group commit is stored as records of about 6 KiB on disk (up to 32
 //! KiB of requests before compression), each under its own seq, all inserted
 //! before one flush: sled's cost is per insert and per remove, so a record
 //! per request would cap throughput. A record of more than 6 KiB on disk (a
@@ -173,6 +173,11 @@ pub enum OutboxError {
     Open { path: PathBuf, source: sled::Error },
     #[error("outbox store error: {0}")]
     Store(#[from] sled::Error),
+    #[error("cannot read outbox file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("outbox generation {0} was already drained and deleted")]
     Retired(PathBuf),
     #[error("the data directory {path} is in use by another edgegate process{holder}")]

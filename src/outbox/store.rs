@@ -293,10 +293,19 @@ impl Store {
                 let (key, value) = item?;
                 let seq = seq_of(&key);
                 if large::is_pointer(&value) {
-                    // Unreadable, the pointer goes on: the reader reports
-                    // it as damage and moves past it.
-                    if let Ok(record) = large::read(&generation.dir, seq) {
-                        return Ok(Some((seq, record.into())));
+                    match large::read(&generation.dir, seq) {
+                        Ok(record) => return Ok(Some((seq, record.into()))),
+                        // Gone: the pointer goes on, and the reader reports
+                        // it as damage and moves past it.
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        // Another error may pass (too many open files, say):
+                        // the producer reads it again later.
+                        Err(source) => {
+                            return Err(OutboxError::ReadFile {
+                                path: large::path(&generation.dir, seq),
+                                source,
+                            })
+                        }
                     }
                 }
                 return Ok(Some((seq, value)));
@@ -338,9 +347,8 @@ impl Store {
             return Ok(()); // already gone
         };
         let bytes = if large::is_pointer(&removed) {
-            // After the pointer: a cut between the two leaves a file that
-            // the next start deletes.
-            // The same when the delete fails: the record is gone either way.
+            // After the pointer: a cut between the two, or a failed delete,
+            // leaves a file without a pointer, which the next start deletes.
             if let Err(e) = large::remove(&generation.dir, seq) {
                 log::warn!(
                     "cannot delete the file of outbox batch {seq} in {}: {e}",

@@ -22,9 +22,10 @@ pub(super) const MAX_BATCH_BYTES: usize = 4 << 20;
 /// one file whose every write the group commit syncs anyway; larger ones go
 /// to files of their own, each synced apart. A record stored as it is never
 /// passes this size; a compressed one packed by a ratio that no longer
-/// holds can (then it takes a file). A smaller target costs flash: 5 KiB
-/// wrote 215 bytes a telemetry request at full speed where 6 KiB wrote 164–169
-/// (`benches/outage.sh`), sled rewriting tree pages per record.
+/// holds can (then it takes a file). A smaller target costs flash: with
+/// 5 KiB records, 215 bytes were written per telemetry request at full
+/// speed, with 6 KiB 164-169 (`benches/outage.sh`): sled rewrites tree
+/// pages per record.
 /// (At 32 KiB every consolidated leaf became a sled blob file, each needing
 /// its own fsync and a directory fsync before the ack.)
 pub(super) const RECORD_BYTES: usize = large::INLINE_MAX;
@@ -33,8 +34,9 @@ pub(super) const RECORD_BYTES: usize = large::INLINE_MAX;
 /// says fit in [`RECORD_BYTES`] on disk, up to this: zstd's ratio and
 /// sled's per-key cost improve with size (telemetry at full speed: 52 → 36
 /// live bytes per request from 7 to 28 KiB, 35 at 32), while an
-/// incompressible payload stays at [`RECORD_BYTES`]. A sudden change of ratio only costs
-/// speed: a record past [`large::INLINE_MAX`] goes to a file of its own.
+/// incompressible payload stays at [`RECORD_BYTES`]. A sudden change of
+/// ratio only costs speed: a record past [`large::INLINE_MAX`] goes to a
+/// file of its own.
 pub(super) const RECORD_RAW_MAX: usize = 32 << 10;
 /// In outage mode a group commit ends at this many bytes if the spill
 /// delay has not ended it first: enough for records of [`RECORD_BYTES`]
