@@ -269,11 +269,17 @@ mod tests {
         blob
     }
 
+    /// A generation's directory with sled's `blobs/` in it.
+    fn generation_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(BLOBS)).unwrap();
+        dir
+    }
+
     #[test]
     fn a_blob_discarded_by_recovery_loses_its_kept_name() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = generation_dir();
         let dir = dir.path();
-        std::fs::create_dir(dir.join(BLOBS)).unwrap();
         let old = sled_blob(b"old timeline");
         std::fs::write(dir.join(BLOBS).join("7"), &old).unwrap();
         std::fs::write(dir.join(BLOBS).join("8"), &old).unwrap();
@@ -294,9 +300,8 @@ mod tests {
 
     #[test]
     fn a_blob_still_being_written_is_synced_once_it_is_complete() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = generation_dir();
         let dir = dir.path();
-        std::fs::create_dir(dir.join(BLOBS)).unwrap();
         let whole = sled_blob(&[42; 1000]);
         let path = dir.join(BLOBS).join("4096");
         let mut blobs = Blobs::default();
@@ -315,9 +320,8 @@ mod tests {
 
     #[test]
     fn new_blobs_get_a_second_name_that_restores_them() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = generation_dir();
         let dir = dir.path();
-        std::fs::create_dir(dir.join(BLOBS)).unwrap();
         let blob = sled_blob(b"node");
         std::fs::write(dir.join(BLOBS).join("42"), &blob).unwrap();
         let mut blobs = Blobs::default();

@@ -28,8 +28,7 @@ fn request(id: u128, len: usize) -> AppendBatch {
 }
 
 fn open(dir: &Path) -> (Arc<Store>, Arc<Metrics>) {
-    let metrics = Arc::new(Metrics::default());
-    let (store, _) = Store::open(&dir.join("outbox"), 1 << 30, metrics.clone()).unwrap();
+    let (store, _, metrics) = super::tests::open(dir, 1 << 30);
     (store, metrics)
 }
 

@@ -85,7 +85,7 @@ fn any_flipped_byte_is_detected() {
     assert_eq!(Batch::parse(&value[..5]).unwrap_err(), CorruptBatch::Short);
 }
 
-fn open(dir: &Path, max: u64) -> (Arc<Store>, Receiver<()>, Arc<Metrics>) {
+pub(super) fn open(dir: &Path, max: u64) -> (Arc<Store>, Receiver<()>, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::default());
     let (s, r) = Store::open(&dir.join("outbox"), max, metrics.clone()).unwrap();
     (s, r, metrics)
