@@ -29,6 +29,10 @@ pub(super) struct Generation {
     /// Bytes appended to it by this process (it rotates on this, so no
     /// directory walk is needed per flush).
     pub(super) appended: AtomicU64,
+    /// Bytes in its `large/` files, counted as they are written and
+    /// removed: a hub's outage leaves hundreds of thousands of them, too
+    /// many to walk every time the disk is measured.
+    pub(super) large_bytes: AtomicU64,
     /// Drained and deleted: must not be opened again (that would recreate
     /// its directory).
     pub(super) retired: AtomicBool,
@@ -64,6 +68,7 @@ impl Generation {
             db: Mutex::new(db),
             batches: AtomicU64::new(0),
             appended: AtomicU64::new(0),
+            large_bytes: AtomicU64::new(0),
             retired: AtomicBool::new(false),
             flushed: Mutex::new(None),
             flushed_unsynced: AtomicBool::new(false),
@@ -138,6 +143,11 @@ impl Generation {
         log.as_ref().expect("opened above").sync_data()
     }
 
+    /// Its size on disk: sled's files as they are, `large/` as counted.
+    pub(super) fn disk_bytes(&self) -> u64 {
+        dir_bytes(&self.dir, Some(large::DIR)) + self.large_bytes.load(SeqCst)
+    }
+
     /// The open database, opening it if needed.
     pub(super) fn db(&self) -> Result<sled::Db, OutboxError> {
         let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
@@ -193,6 +203,8 @@ pub(super) struct GenerationStats {
     pub(super) batches: u64,
     pub(super) records: i64,
     pub(super) bytes: u64,
+    /// Of `bytes`, those in `large/` files.
+    pub(super) large_bytes: u64,
     pub(super) next_seq: u64,
 }
 
@@ -214,6 +226,7 @@ pub(super) fn load_generation(
             batches: 0,
             records: 0,
             bytes: 0,
+            large_bytes: 0,
             next_seq: first,
         };
         let mut pointers = std::collections::HashSet::new();
@@ -242,6 +255,7 @@ pub(super) fn load_generation(
                 }
                 pointers.insert(seq);
                 bytes = large::file_len(&value);
+                stats.large_bytes += bytes;
             }
             stats.batches += 1;
             stats.bytes += bytes;
@@ -290,6 +304,7 @@ pub(super) fn load_generation(
             }
             let generation = Generation::new(first, dir, None);
             generation.batches.store(stats.batches, SeqCst);
+            generation.large_bytes.store(stats.large_bytes, SeqCst);
             db.flush()?;
             drop(db);
             return Ok(Some((generation, stats)));
@@ -376,4 +391,23 @@ pub(super) fn seq_of(key: &[u8]) -> u64 {
     let n = key.len().min(8);
     b[8 - n..].copy_from_slice(&key[..n]);
     u64::from_be_bytes(b)
+}
+
+/// Bytes of the files in `dir` and below (sled's `blobs/`, our `keep/`),
+/// leaving out the directory named `skip` in `dir`. A file with two names
+/// (a blob and its `keep/` link) counts once.
+pub(super) fn dir_bytes(dir: &Path, skip: Option<&str>) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| skip.is_none_or(|skip| e.file_name() != skip))
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path(), None),
+            Ok(m) => m.len() / m.nlink().max(1),
+            Err(_) => 0,
+        })
+        .sum()
 }

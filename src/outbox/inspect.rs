@@ -147,7 +147,7 @@ pub fn stat(data_dir: &Path) -> Result<Stat, OutboxError> {
     let (root, _lock) = open(data_dir)?;
     let (generations, broken) = generations(&root)?;
     let mut stat = Stat {
-        disk_bytes: super::store::dir_bytes(&root),
+        disk_bytes: super::generation::dir_bytes(&root, None),
         broken,
         ..Stat::default()
     };

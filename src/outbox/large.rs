@@ -1,18 +1,28 @@
-//! Records too large for sled's tree, each kept in a file of its own
-//! (`<generation>/large/<seq, 20 digits>`) with a small pointer in the tree.
+//! Records kept in files of their own (`<generation>/large/<seq, 20
+//! digits>`) with a small pointer in the tree: every record of more than
+//! [`INLINE_MAX`] on disk, large requests and the records of big group
+//! commits alike.
 //!
-//! Why: sled writes a tree node of more than about 128 KiB to a blob file.
-//! The group commit syncs blob files too, but on a real disk a log page
-//! that names a blob can reach the medium before the blob does (sled starts
-//! writeback of its log itself; so does the kernel), and a power cut then
-//! costs the node's records, acknowledged ones included. A leaf holds at
-//! most about 20 values (it splits past 16 and may absorb a neighbour of
-//! fewer than 4), so values of at most [`INLINE_MAX`] keep every node in
-//! the log. Larger records go to a file that is written and synced, with
-//! its directory entry, before its pointer enters the tree: whatever part
-//! of sled's log reaches the disk, a pointer in it has its file behind it.
-//! It also writes a large request to flash about once, where sled's splits
-//! and consolidations rewrite a tree value three to four times.
+//! Why files: sled writes a tree node of more than about 128 KiB to a blob
+//! file. The group commit syncs blob files too, but on a real disk a log
+//! page that names a blob can reach the medium before the blob does (sled
+//! starts writeback of its log itself; so does the kernel), and a power cut
+//! then costs the node's records, acknowledged ones included. A leaf holds
+//! at most about 20 values (it splits past 16 and may absorb a neighbour of
+//! fewer than 4), so values of at most 6 KiB would keep every node in the
+//! log. Files also cost flash less: sled's splits and consolidations
+//! rewrite a tree value three to four times, a file is written about once.
+//! Telemetry during an outage (`benches/outage.sh`): at full speed 169
+//! bytes written per request with 6 KiB records in the tree, 53 with 32
+//! KiB records in files; at 1,000 requests a second (group commits of about
+//! 3.5 KiB) 488 and 245. Below [`INLINE_MAX`] a file gains nothing (200 a
+//! second: 1,083 bytes written per request in the tree, 1,189 in files; the
+//! sync of each commit dominates) and would spend an inode on a few
+//! requests.
+//!
+//! A file is written and synced, with its directory entry, before its
+//! pointer enters the tree: whatever part of sled's log reaches the disk, a
+//! pointer in it has its file behind it.
 //!
 //! A pointer is removed from the tree before its file is deleted (and, when
 //! a group commit fails, made durable first). Files without a pointer (an
@@ -30,11 +40,13 @@ use std::path::{Path, PathBuf};
 use super::durable::sync_path;
 use super::record::{MAGIC, VERSION_IN_FILE};
 
-/// The largest record stored in the tree itself.
-pub(super) const INLINE_MAX: usize = 6 << 10;
+/// The largest record stored in the tree itself; larger ones take a file.
+/// At most 6 KiB, so that no tree node becomes a blob (see above).
+pub(super) const INLINE_MAX: usize = 2 << 10;
+const _: () = assert!(INLINE_MAX <= 6 << 10);
 /// magic, version 3, crc32 (of what follows it), count, file length.
 pub(super) const POINTER_LEN: usize = 14;
-const DIR: &str = "large";
+pub(super) const DIR: &str = "large";
 
 /// The tree's value for a record stored in a file: its count (as
 /// `stored_count` reads every version) and the file's length.

@@ -57,6 +57,15 @@ fn drain(store: &Store) -> Vec<(u64, Vec<u128>)> {
     out
 }
 
+/// The disk measure, which counts `large/` files as they come and go, and
+/// a walk of every file.
+fn disk_counted_and_walked(store: &Store) -> (u64, u64) {
+    let walked = (store.generations().iter())
+        .map(|g| generation::dir_bytes(&g.dir, None))
+        .sum();
+    (store.measure_disk(), walked)
+}
+
 fn files(dir: &Path, sub: &str) -> Vec<PathBuf> {
     let mut found = Vec::new();
     for generation in std::fs::read_dir(dir.join("outbox")).unwrap().flatten() {
@@ -75,6 +84,12 @@ fn large_requests_get_files_small_ones_stay_in_the_tree_and_sled_makes_no_blobs(
     let requests = (1..).zip(sizes).map(|(id, len)| request(id, len)).collect();
     append_all(&store, requests);
     assert_eq!(files(dir.path(), "large").len(), 3);
+    let (counted, walked) = disk_counted_and_walked(&store);
+    let in_files: u64 = (files(dir.path(), "large").iter())
+        .map(|f| f.metadata().unwrap().len())
+        .sum();
+    assert!(in_files > 100 << 10 && walked > in_files);
+    assert_eq!(counted, walked);
     let expected: Vec<Vec<u128>> = (1..=6).map(|id| vec![id]).collect();
     let found = drain(&store);
     assert_eq!(
@@ -86,6 +101,8 @@ fn large_requests_get_files_small_ones_stay_in_the_tree_and_sled_makes_no_blobs(
     // Counted the same after a restart, bytes included, then delivered.
     let (store, metrics_again) = open(dir.path());
     assert_eq!(metrics_again.outbox_records.load(Relaxed), 6);
+    let (counted, walked) = disk_counted_and_walked(&store);
+    assert_eq!(counted, walked);
     assert_eq!(
         metrics_again.outbox_bytes.load(Relaxed),
         metrics.outbox_bytes.load(Relaxed)
@@ -96,6 +113,8 @@ fn large_requests_get_files_small_ones_stay_in_the_tree_and_sled_makes_no_blobs(
     assert!(store.is_empty());
     assert!(files(dir.path(), "large").is_empty());
     assert_eq!(metrics_again.outbox_bytes.load(Relaxed), 0);
+    let (counted, walked) = disk_counted_and_walked(&store);
+    assert_eq!(counted, walked);
 
     // Many large requests in one generation, the producer removing as it
     // goes: sled splits and merges leaves all along, and none of its nodes

@@ -12,14 +12,16 @@
 //! as it is drained (that gives disk back), and only the newest and the one
 //! being drained are open (that keeps memory flat whatever the backlog).
 //!
-//! Each group commit is stored as records of about 6 KiB on disk (up to 32
-//! KiB of requests before compression), each under its own seq, all inserted
-//! before one flush: sled's cost is per insert and per remove, so a record
-//! per request would cap throughput. A record of more than 6 KiB on disk (a
-//! large request) goes to a file of its own, `<generation>/large/<seq>`,
-//! with a pointer under its seq: a tree node above about 128 KiB would go to
-//! one of sled's blob files, which a real disk can lose after the log that
-//! names it ([`large`] says why and how the file is kept safe).
+//! Each group commit is stored as records of up to about 32 KiB on disk
+//! (up to 256 KiB of requests before compression), each under its own seq,
+//! all inserted before one flush: sled's cost is per insert and per remove,
+//! so a record per request would cap throughput. A record of more than 2
+//! KiB on disk (a big group commit's, or a large request) goes to a file of
+//! its own, `<generation>/large/<seq>`, with a pointer under its seq: a
+//! tree node above about 128 KiB would go to one of sled's blob files,
+//! which a real disk can lose after the log that names it, and sled
+//! rewrites tree values several times where a file is written once
+//! ([`large`] says why and how the file is kept safe).
 //!
 //! ```text
 //! key   = seq: u64 big-endian (so sled's order is append order)

@@ -355,7 +355,9 @@ impl Store {
                     generation.dir.display()
                 );
             }
-            large::file_len(&removed)
+            let bytes = large::file_len(&removed);
+            generation.large_bytes.fetch_sub(bytes, SeqCst);
+            bytes
         } else {
             removed.len() as u64
         };
@@ -465,7 +467,7 @@ impl Store {
 
     /// Measures the size on disk of every generation.
     pub(super) fn measure_disk(&self) -> u64 {
-        let total = self.generations().iter().map(|g| dir_bytes(&g.dir)).sum();
+        let total = self.generations().iter().map(|g| g.disk_bytes()).sum();
         self.disk_measured.store(total, SeqCst);
         self.disk_since.store(0, SeqCst);
         self.metrics.outbox_disk_bytes.store(total, Relaxed);
@@ -520,23 +522,6 @@ impl Store {
         }
         self.retire_drained();
     }
-}
-
-/// Bytes of the files in `dir` and below (sled's `blobs/`, our `keep/`). A
-/// file with two names (a blob and its `keep/` link) counts once.
-pub(super) fn dir_bytes(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len() / m.nlink().max(1),
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 /// Locks the outbox for this process and writes its PID in the lock file,

@@ -18,29 +18,27 @@ use super::{AppendError, OutboxError};
 pub(super) const MAX_BATCH_BYTES: usize = 4 << 20;
 /// A group commit is stored as records of about this size on disk (a
 /// larger request gets a record of its own); one flush still serves the
-/// whole group. Records up to [`large::INLINE_MAX`] stay in sled's log, the
-/// one file whose every write the group commit syncs anyway; larger ones go
-/// to files of their own, each synced apart. A record stored as it is never
-/// passes this size; a compressed one packed by a ratio that no longer
-/// holds can (then it takes a file). A smaller target costs flash: with
-/// 5 KiB records, 215 bytes were written per telemetry request at full
-/// speed, with 6 KiB 164-169 (`benches/outage.sh`): sled rewrites tree
-/// pages per record.
-/// (At 32 KiB every consolidated leaf became a sled blob file, each needing
-/// its own fsync and a directory fsync before the ack.)
-pub(super) const RECORD_BYTES: usize = large::INLINE_MAX;
+/// whole group. Small records stay in sled's log, the one file whose every
+/// write the group commit syncs anyway; one past [`large::INLINE_MAX`]
+/// goes to a file of its own, synced apart (see `large` for what each
+/// costs in flash). A record stored as it is never passes this size; a
+/// compressed one packed by a ratio that no longer holds can. Bigger
+/// records write less per request (telemetry at full speed: 6 KiB records
+/// in the tree 169 bytes, 32 KiB in files 53) but each file is one more
+/// fsync: 32 KiB made outage writes at full speed about 15% slower (335k
+/// and 297k against 276k and 258k requests a second, `benches/outage.sh`),
+/// far above any hub's rate.
+pub(super) const RECORD_BYTES: usize = 32 << 10;
 /// Requests packed into one record, before compression, at most. Records
 /// are packed from as many bytes as the last write's compression ratio
-/// says fit in [`RECORD_BYTES`] on disk, up to this: zstd's ratio and
-/// sled's per-key cost improve with size (telemetry at full speed: 52 → 36
-/// live bytes per request from 7 to 28 KiB, 35 at 32), while an
-/// incompressible payload stays at [`RECORD_BYTES`]. A sudden change of
-/// ratio only costs speed: a record past [`large::INLINE_MAX`] goes to a
-/// file of its own.
-pub(super) const RECORD_RAW_MAX: usize = 32 << 10;
+/// says fit in [`RECORD_BYTES`] on disk, up to this: zstd's ratio improves
+/// with size, while an incompressible payload stays at [`RECORD_BYTES`]. A
+/// sudden change of ratio only makes a record bigger or smaller than
+/// planned.
+pub(super) const RECORD_RAW_MAX: usize = 256 << 10;
 /// In outage mode a group commit ends at this many bytes if the spill
-/// delay has not ended it first: enough for records of [`RECORD_BYTES`]
-/// (zstd's ratio and sled's per-key cost) and few flushes at full speed.
+/// delay has not ended it first: about one record of [`RECORD_BYTES`] for
+/// compressible requests (zstd's ratio), and few flushes at full speed.
 pub(super) const OUTAGE_GROUP_BYTES: usize = 256 << 10;
 /// Pending append jobs; beyond it connections wait (backpressure).
 pub(super) const JOB_QUEUE: usize = 4096;
@@ -448,7 +446,7 @@ impl Writer {
         let first_seq = records.first().map_or(last, |(seq, _)| *seq);
         // Compressed here, off the executor; what the disk holds is counted.
         let result = smol::unblock(move || {
-            let mut stored = 0u64;
+            let (mut stored, mut in_files) = (0u64, 0u64);
             let committing = marker.committing();
             let written = (|| {
                 if gap {
@@ -471,6 +469,7 @@ impl Writer {
                 for (seq, value) in &on_disk {
                     stored += value.len() as u64;
                     if value.len() > large::INLINE_MAX {
+                        in_files += value.len() as u64;
                         db.insert(seq.to_be_bytes(), &large::pointer(value)[..])?;
                     } else {
                         db.insert(seq.to_be_bytes(), &**value)?;
@@ -479,6 +478,9 @@ impl Writer {
                 db.flush()?;
                 marker.make_durable()?;
                 marker.mark_flushed(last + 1);
+                // Before the producer can remove one of them (not during a
+                // commit): its subtraction must not come first.
+                marker.large_bytes.fetch_add(in_files, SeqCst);
                 Ok::<_, sled::Error>(stored)
             })();
             if written.is_err() {
@@ -509,15 +511,16 @@ impl Writer {
                     self.record_raw = (fit as usize).clamp(RECORD_BYTES, RECORD_RAW_MAX);
                 }
                 self.written_end = last + 1;
-                // Readable before the records leave memory: the producer
-                // looks for a record in memory first, then on disk below
-                // `committed`, and skips what is in neither.
-                store.committed.fetch_max(last + 1, SeqCst);
                 store.note_written(first_seq);
                 generation.batches.fetch_add(batches, SeqCst);
                 generation.appended.fetch_add(len, SeqCst);
                 store.live_bytes.fetch_add(len, SeqCst);
                 store.disk_since.fetch_add(len, SeqCst);
+                // Readable before the records leave memory: the producer
+                // looks for a record in memory first, then on disk below
+                // `committed`, and skips what is in neither. After the
+                // counts, which its removals subtract from.
+                store.committed.fetch_max(last + 1, SeqCst);
                 let metrics = &store.metrics;
                 metrics
                     .outbox_disk_bytes
