@@ -22,26 +22,43 @@ use edgegate::wire::protocol;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc 3 keeps freed pages for a second before giving them back (its
-/// `purge_delay`, 1000 ms; mimalloc 2 used 10). Draining a backlog frees
-/// librdkafka's messages on other threads at 400,000 a second, so the
-/// static build's RSS grew by 45 to 76 MiB (median 64) over a drain of
-/// 1,000,000 (`benches/replay.sh`), against 9 to 23 for glibc; 35 to 46
-/// with this. 10 ms, as mimalloc 2 had,
-/// unless the operator set `MIMALLOC_PURGE_DELAY`.
+/// Two of mimalloc's defaults cost a hub memory; each is set here unless
+/// the operator set it (`MIMALLOC_PURGE_DELAY`, `MIMALLOC_ARENA_EAGER_COMMIT`).
+/// - `purge_delay`: mimalloc 3 keeps freed pages for a second before giving
+///   them back (mimalloc 2: 10 ms). Draining a backlog frees librdkafka's
+///   messages on other threads at 400,000 a second, so the static build's
+///   RSS grew by 45 to 76 MiB (median 64) over a drain of 1,000,000
+///   (`benches/replay.sh`), against 9 to 23 for glibc; 35 to 46 with 10 ms.
+/// - `arena_eager_commit`: on a system that overcommits, mimalloc commits
+///   its whole arena at once, and every thread's first pages then sit in
+///   transparent huge pages: an idle gateway held 52.5 MiB (glibc: 9.3).
+///   Committed as used: 7.2 MiB idle, a drain's peak 34-39 MiB instead of
+///   89-113, and uplink no slower (`benches/compare.sh`, 320,255 against
+///   300,726 msgs/s, idle connections 1,933 bytes each against 2,699).
 #[cfg(feature = "static")]
 #[allow(unsafe_code)]
 fn tune_allocator() {
-    // mimalloc.h's `mi_option_purge_delay`: the enum's values are kept
-    // across releases (retired options keep their slots).
+    // mimalloc.h's `mi_option_t`: the enum's values are kept across
+    // releases (retired options keep their slots); 2 and 3 agree on these.
+    const MI_OPTION_ARENA_EAGER_COMMIT: std::ffi::c_int = 4;
     const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
     extern "C" {
         fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
     }
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: a plain setter of mimalloc's (linked in by the
-        // `mimalloc` crate), safe to call at any time from any thread.
-        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 10) };
+    let defaults = [
+        ("MIMALLOC_PURGE_DELAY", MI_OPTION_PURGE_DELAY, 10),
+        (
+            "MIMALLOC_ARENA_EAGER_COMMIT",
+            MI_OPTION_ARENA_EAGER_COMMIT,
+            0,
+        ),
+    ];
+    for (variable, option, value) in defaults {
+        if std::env::var_os(variable).is_none() {
+            // SAFETY: a plain setter of mimalloc's (linked in by the
+            // `mimalloc` crate), safe to call at any time from any thread.
+            unsafe { mi_option_set(option, value) };
+        }
     }
 }
 
