@@ -13,9 +13,9 @@
 //! log. Files also cost flash less: sled's splits and consolidations
 //! rewrite a tree value three to four times, a file is written about once.
 //! Telemetry during an outage (`benches/outage.sh`): at full speed 169
-//! bytes written per request with 6 KiB records in the tree, 53 with 32
+//! bytes written per request with 6 KiB records in the tree, 48 with 32
 //! KiB records in files; at 1,000 requests a second (group commits of about
-//! 3.5 KiB) 488 and 245. Below [`INLINE_MAX`] a file gains nothing (200 a
+//! 3.5 KiB) 488 and 240. Below [`INLINE_MAX`] a file gains nothing (200 a
 //! second: 1,083 bytes written per request in the tree, 1,189 in files; the
 //! sync of each commit dominates) and would spend an inode on a few
 //! requests.

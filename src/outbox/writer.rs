@@ -24,9 +24,9 @@ pub(super) const MAX_BATCH_BYTES: usize = 4 << 20;
 /// costs in flash). A record stored as it is never passes this size; a
 /// compressed one packed by a ratio that no longer holds can. Bigger
 /// records write less per request (telemetry at full speed: 6 KiB records
-/// in the tree 169 bytes, 32 KiB in files 53) but each file is one more
-/// fsync: 32 KiB made outage writes at full speed about 15% slower (335k
-/// and 297k against 276k and 258k requests a second, `benches/outage.sh`),
+/// in the tree 167-169 bytes, 32 KiB records in files 48) but each file is
+/// one more fsync: outage writes at full speed became 15-19% slower
+/// (297k-335k against 259k-268k requests a second, `benches/outage.sh`),
 /// far above any hub's rate.
 pub(super) const RECORD_BYTES: usize = 32 << 10;
 /// Requests packed into one record, before compression, at most. Records
