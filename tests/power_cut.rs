@@ -40,13 +40,14 @@ fn gateway_on_cutfs(opts: GatewayOptions) -> Option<(tempfile::TempDir, CutFs, G
     Some((dir, fs, gw))
 }
 
+/// `EDGEGATE_POWER_CUTS`: the long mode's number of cuts.
+fn cuts() -> Option<usize> {
+    std::env::var("EDGEGATE_POWER_CUTS").ok()?.parse().ok()
+}
+
 #[test]
 fn power_cuts_lose_nothing_acknowledged() {
-    let cycles: usize = std::env::var("EDGEGATE_POWER_CUTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(8);
-    power_cut_loop("power-cut loop", cycles, DEVICES, 0);
+    power_cut_loop("power-cut loop", cuts().unwrap_or(8), DEVICES, 0);
 }
 
 /// Requests of 40 KiB: each goes to a file of its own (`large/`), synced
@@ -54,10 +55,7 @@ fn power_cuts_lose_nothing_acknowledged() {
 /// after the pointer; sled itself must make no blob file.
 #[test]
 fn power_cuts_with_large_requests_lose_nothing_acknowledged() {
-    let cycles: usize = std::env::var("EDGEGATE_POWER_CUTS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .map_or(4, |n| n / 2);
+    let cycles = cuts().map_or(4, |n| n / 2);
     power_cut_loop("power-cut loop, 40 KiB requests", cycles, 2, 40 << 10);
 }
 
@@ -66,10 +64,7 @@ fn power_cuts_with_large_requests_lose_nothing_acknowledged() {
 /// several requests.
 #[test]
 fn power_cuts_with_records_of_several_requests_in_files_lose_nothing_acknowledged() {
-    let cycles: usize = std::env::var("EDGEGATE_POWER_CUTS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .map_or(4, |n| n / 2);
+    let cycles = cuts().map_or(4, |n| n / 2);
     power_cut_loop("power-cut loop, 1 KiB requests", cycles, 8, 1 << 10);
 }
 

@@ -44,6 +44,11 @@ use super::record::{MAGIC, VERSION_IN_FILE};
 /// At most 6 KiB, so that no tree node becomes a blob (see above).
 pub(super) const INLINE_MAX: usize = 2 << 10;
 const _: () = assert!(INLINE_MAX <= 6 << 10);
+/// Whether a record, as stored, goes to a file rather than the tree.
+pub(super) fn takes_file(record: &[u8]) -> bool {
+    record.len() > INLINE_MAX
+}
+
 /// magic, version 3, crc32 (of what follows it), count, file length.
 pub(super) const POINTER_LEN: usize = 14;
 pub(super) const DIR: &str = "large";

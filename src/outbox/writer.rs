@@ -463,12 +463,12 @@ impl Writer {
                     &marker.dir,
                     on_disk
                         .iter()
-                        .filter(|(_, v)| v.len() > large::INLINE_MAX)
+                        .filter(|(_, v)| large::takes_file(v))
                         .map(|(seq, v)| (*seq, &v[..])),
                 )?;
                 for (seq, value) in &on_disk {
                     stored += value.len() as u64;
-                    if value.len() > large::INLINE_MAX {
+                    if large::takes_file(value) {
                         in_files += value.len() as u64;
                         db.insert(seq.to_be_bytes(), &large::pointer(value)[..])?;
                     } else {
